@@ -1,0 +1,1 @@
+"""The ``kdcache`` command line: thin typer wrappers around :mod:`kdcache`."""
