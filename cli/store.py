@@ -1,10 +1,115 @@
-"""`kdcache store ...` (being written)."""
+"""`kdcache extract` (stage one) and `kdcache store info|verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-app = typer.Typer(help="store commands", no_args_is_help=True)
+from cli.common import user_errors
+
+app = typer.Typer(help="Inspect and check feature stores.", no_args_is_help=True)
 
 
-def extract():
-    """Stage one: run a teacher once over a dataset into a Zarr feature store."""
-    raise typer.Exit(2)
+@user_errors
+def extract(
+    data: Path = typer.Option(..., "--data", help="Dataset: an .lmdb file, a folder of .lmdb files, or an ASE/xyz file."),
+    out: Path = typer.Option(..., "--out", help="The store to write (a folder, e.g. teacher.zarr)."),
+    teacher: Optional[str] = typer.Option(
+        None, "--teacher", help="Preset name (gemnet-oc, painn-big, schnet, *-tiny ...). Optional with a checkpoint, "
+        "whose own model configuration always wins. Without --checkpoint: randomly initialised (demo only)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Teacher checkpoint (Open Catalyst or kdcache)."),
+    features: Optional[str] = typer.Option(
+        None, "--features", help="Comma list of node,e2n,e2v,vector,atom_energy,outputs (default: all the teacher has). "
+        "PaiNN: node,vector; GemNet-OC: node,e2n,e2v; SchNet: node."),
+    dtype: str = typer.Option("float16", "--dtype", help="Hidden-feature dtype: float16, bfloat16 or float32."),
+    label_dtype: str = typer.Option("float32", "--label-dtype", help="Energies/forces dtype: float32 or float64."),
+    codec: str = typer.Option("none", "--codec", help="none (fastest reads), zstd or blosc-lz4."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per teacher forward (keep it when resuming)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N samples."),
+    shard_atoms: int = typer.Option(65536, "--shard-atoms", help="Atoms per shard file."),
+    chunk_atoms: int = typer.Option(128, "--chunk-atoms", help="Atoms per inner chunk (divides --shard-atoms)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
+    seed: int = typer.Option(0, "--seed", help="Initialisation seed of a teacher without checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Stage one: run a teacher once over a dataset into a Zarr feature store.
+
+    Re-running the same command resumes an interrupted extraction. Under
+    `torchrun --nproc-per-node N --no-python kdcache extract ...` every rank writes its own shards.
+    """
+    from kdcache.store.extract import extract as run
+
+    res = run(
+        data=data, out=out, teacher=teacher, checkpoint=str(checkpoint) if checkpoint else None,
+        features=features.split(",") if features else None, dtype=dtype, label_dtype=label_dtype, codec=codec,
+        batch_size=batch_size, device=device, limit=limit, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms,
+        overwrite=overwrite, seed=seed, progress=progress,
+    )
+    if res.rank == 0:
+        typer.echo(
+            f"{res.path}: {res.num_samples} samples; {res.groups_written} group(s) written by rank 0 in "
+            f"{res.seconds_total:.1f} s (writing {100 * res.write_share:.1f}% of forward+write)"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command("info")
+@user_errors
+def info(
+    store: Path = typer.Argument(..., help="The store folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+):
+    """What a store holds: samples, arrays, sizes, teacher and dataset provenance."""
+    from kdcache.store.verify import store_info
+
+    d = store_info(store)
+    if as_json:
+        typer.echo(json.dumps(d, indent=2, sort_keys=True))
+        return
+    t = d["teacher"]
+    lines = [
+        f"store       {d['path']}",
+        f"complete    {'yes' if d['complete'] else 'NO'} ({d['samples_done']}/{d['num_samples']} samples)",
+        f"atoms       {d['num_atoms']} (atom axis {d['atom_axis']}, padding {100 * d['padding_fraction']:.2f}%)",
+        f"layout      shards of {d['shard_atoms']} atoms, chunks of {d['chunk_atoms']}, codec {d['codec']}",
+        f"size        {_human(d['size_bytes'])}",
+        f"teacher     {t.get('name')} (preset {t.get('preset')}), checkpoint {t.get('checkpoint')}",
+        f"            checkpoint sha256 {t.get('checkpoint_sha256')}",
+        f"graph       {json.dumps(d['graph'])}",
+        f"dataset     {json.dumps({k: v for k, v in (d['dataset'] or {}).items() if k != 'files'})}",
+        "arrays:",
+    ]
+    for k, a in d["arrays"].items():
+        bpa = f", {a['bytes_per_atom']} B/atom" if a["bytes_per_atom"] else ""
+        lines.append(f"  {k:<12} {str(a['shape']):<18} {a['dtype']}{bpa}")
+    for w in d["warnings"]:
+        lines.append(f"WARNING: {w}")
+    typer.echo("\n".join(lines))
+
+
+@app.command("verify")
+@user_errors
+def verify(
+    store: Path = typer.Argument(..., help="The store folder."),
+    data: Path = typer.Option(..., "--data", help="The dataset the store should come from."),
+    progress: bool = typer.Option(False, "--progress/--no-progress"),
+):
+    """Is the store complete, made from this dataset, and does every stored sample match it?"""
+    from kdcache.store.extract import open_data
+    from kdcache.store.verify import verify_store
+
+    rep = verify_store(store, open_data(data), progress=progress)
+    typer.echo("\n".join(rep.lines()))
+    if not rep.ok:
+        raise typer.Exit(code=1)

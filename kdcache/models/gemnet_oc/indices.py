@@ -1,0 +1,139 @@
+"""Triplet and quadruplet indices of GemNet-OC, from plain edge lists (no sparse-tensor library).
+
+Edges are ``edge_index [2, E]`` with row 0 the source and row 1 the target (an edge c->a has
+source c, target a) and integer ``cell_offset [E, 3]`` (kdcache convention: the source image is
+``pos[s] - cell_offset @ cell``). Every index returned is sorted by its output edge, as the
+padded-matrix aggregations in :mod:`kdcache.models.gemnet_oc.layers` require.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ragged_arange(counts: torch.Tensor) -> torch.Tensor:
+    """Concatenated ranges: counts [1, 4, 0, 2] -> [0, 0, 1, 2, 3, 0, 1]."""
+    total = int(counts.sum())
+    if total == 0:
+        return counts.new_zeros(0)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(total, device=counts.device) - torch.repeat_interleave(starts, counts)
+
+
+def inner_index(idx: torch.Tensor, dim_size: int) -> torch.Tensor:
+    """Position of each element within its run of equal values; ``idx`` must be sorted.
+
+    [0 0 0 1 1 2 2 2 2] -> [0 1 2 0 1 0 1 2 3]: the column of each neighbour in a padded matrix.
+    """
+    return ragged_arange(torch.bincount(idx, minlength=dim_size))
+
+
+def _edges_into(atoms: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query position q, every edge whose target is ``atoms[q]``.
+
+    Returns ``(query, edge)`` pairs grouped by query in query order; within a query the edges are
+    ordered by (source, original position).
+
+    """
+    src, tgt = edge_index
+    n = src.shape[0]
+    key = tgt * num_atoms + src
+    order = torch.sort(key, stable=True).indices  # CSR order of the edges by target
+    counts = torch.bincount(tgt, minlength=num_atoms)
+    rowptr = torch.cumsum(counts, 0) - counts
+    per_query = counts[atoms]
+    query = torch.repeat_interleave(torch.arange(atoms.shape[0], device=atoms.device), per_query)
+    pos = torch.repeat_interleave(rowptr[atoms], per_query) + ragged_arange(per_query)
+    edge = order[pos] if n else pos
+    return query, edge
+
+
+def get_triplets(graph: dict, num_atoms: int) -> dict:
+    """Triplets b->a<-c of one graph: every input edge b->a for each output edge c->a.
+
+    b may equal c if the two edges are different images; the edge itself is excluded.
+
+    Returns:
+        ``in`` (edge b->a), ``out`` (edge c->a), ``out_agg`` (position among the out-edge's inputs).
+    """
+    edge_index = graph["edge_index"]
+    out, inp = _edges_into(edge_index[1], edge_index, num_atoms)
+    keep = inp != out
+    idx = {"in": inp[keep], "out": out[keep]}
+    idx["out_agg"] = inner_index(idx["out"], edge_index.shape[1])
+    return idx
+
+
+def get_mixed_triplets(
+    graph_in: dict,
+    graph_out: dict,
+    num_atoms: int,
+    to_outedge: bool = False,
+    return_agg_idx: bool = False,
+) -> dict:
+    """Triplets across two graphs on the same atoms.
+
+    For each output edge c->a of ``graph_out``, every input edge b->a of ``graph_in`` into its
+    target a (or, with ``to_outedge``, into its source c, i.e. b->c for the edge c->a). A pair is
+    dropped when it closes on itself: same atom and same periodic image at both ends.
+
+    Returns:
+        ``in``, ``out`` and, with ``return_agg_idx``, ``out_agg``.
+    """
+    out_s, out_t = graph_out["edge_index"]
+    in_s = graph_in["edge_index"][0]
+    out, inp = _edges_into(out_s if to_outedge else out_t, graph_in["edge_index"], num_atoms)
+    if to_outedge:
+        other = out_t[out]
+        offset_sum = graph_out["cell_offset"][out] + graph_in["cell_offset"][inp]
+    else:
+        other = out_s[out]
+        offset_sum = graph_out["cell_offset"][out] - graph_in["cell_offset"][inp]
+    keep = (in_s[inp] != other) | torch.any(offset_sum != 0, dim=-1)
+    idx = {"in": inp[keep], "out": out[keep]}
+    if return_agg_idx:
+        idx["out_agg"] = inner_index(idx["out"], out_s.shape[0])
+    return idx
+
+
+def get_quadruplets(main_graph: dict, qint_graph: dict, num_atoms: int) -> dict:
+    """Quadruplets d->b->a<-c: main edge d->b, quadruplet-graph edge b->a, main edge c->a.
+
+    Returns:
+        ``triplet_in`` ({in: d->b, out: b->a}), ``triplet_out`` ({in: b->a, out: c->a}),
+        ``out`` (c->a per quadruplet), ``trip_in_to_quad``, ``trip_out_to_quad`` (the two triplets
+        of each quadruplet) and ``out_agg``. Quadruplets with c = d (same image) are dropped.
+    """
+    main_s = main_graph["edge_index"][0]
+    num_edges = main_s.shape[0]
+    num_qint = qint_graph["edge_index"].shape[1]
+    device = main_s.device
+
+    trip_in = get_mixed_triplets(main_graph, qint_graph, num_atoms, to_outedge=True)  # d->b->a
+    trip_out = get_mixed_triplets(qint_graph, main_graph, num_atoms, to_outedge=False)  # c->a<-b
+
+    # every output triplet c->a<-b pairs with every input triplet d->b->a on the same edge b->a
+    n_in_per_inter = torch.bincount(trip_in["out"], minlength=num_qint)
+    first_in_per_inter = torch.cumsum(n_in_per_inter, 0) - n_in_per_inter
+    reps = n_in_per_inter[trip_out["in"]]
+    out = torch.repeat_interleave(trip_out["out"], reps)
+    inter = torch.repeat_interleave(trip_out["in"], reps)
+    trip_out_to_quad = torch.repeat_interleave(torch.arange(trip_out["out"].shape[0], device=device), reps)
+    # trip_in is sorted by its out edge, so the partners of b->a are a contiguous block
+    trip_in_to_quad = first_in_per_inter[inter] + ragged_arange(reps)
+
+    d_edge = trip_in["in"][trip_in_to_quad]
+    offset_cd = (
+        main_graph["cell_offset"][d_edge] + qint_graph["cell_offset"][inter] - main_graph["cell_offset"][out]
+    )
+    keep = (main_s[out] != main_s[d_edge]) | torch.any(offset_cd != 0, dim=-1)
+
+    idx = {
+        "triplet_in": trip_in,
+        "triplet_out": trip_out,
+        "out": out[keep],
+        "trip_out_to_quad": trip_out_to_quad[keep],
+        "trip_in_to_quad": trip_in_to_quad[keep],
+    }
+    idx["out_agg"] = inner_index(idx["out"], num_edges)
+    return idx

@@ -1,0 +1,265 @@
+"""Building blocks of GemNet-OC: dense layers, residual layers, scale factors, embeddings and the
+"efficient" bilinear layers that contract a basis with padded neighbour matrices.
+
+Parameter names (``linear.weight``, ``dense_mlp``, ``scale_factor``, ``embeddings``,
+``bilinear``, ``weight``) match the Open Catalyst checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+# --------------------------------------------------------------------------------------------
+# initialisation
+# --------------------------------------------------------------------------------------------
+def he_orthogonal_init(weight: torch.Tensor) -> torch.Tensor:
+    """Random (semi-)orthogonal matrix, standardised per output unit to variance 1/fan_in.
+
+    Decorrelated initial features train better; a 3-d weight (radial, spherical, out) treats the
+    first two axes as the input.
+    """
+    nn.init.orthogonal_(weight)
+    fan_in = weight.shape[:-1].numel() if weight.dim() == 3 else weight.shape[1]
+    axes = [0, 1] if weight.dim() == 3 else 1
+    with torch.no_grad():
+        var, mean = torch.var_mean(weight, dim=axes, unbiased=True, keepdim=True)
+        weight.copy_((weight - mean) / (var + 1e-6) ** 0.5 * (1 / fan_in) ** 0.5)
+    return weight
+
+
+def get_initializer(name: str):
+    """Initialiser of the final energy/force layers by name (``HeOrthogonal`` or ``zeros``)."""
+    key = name.lower()
+    if key == "heorthogonal":
+        return he_orthogonal_init
+    if key == "zeros":
+        return nn.init.zeros_
+    raise ValueError(f"unknown output initialiser {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# dense and residual layers
+# --------------------------------------------------------------------------------------------
+class ScaledSiLU(nn.Module):
+    """SiLU divided by 0.6, which keeps unit-variance inputs near unit variance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(x) * (1 / 0.6)
+
+
+def make_activation(activation: str | None) -> nn.Module:
+    if activation is None:
+        return nn.Identity()
+    if activation.lower() in ("silu", "swish"):
+        return ScaledSiLU()
+    raise ValueError(f"activation {activation!r} is not supported by GemNet-OC (use 'silu')")
+
+
+class Dense(nn.Module):
+    """Linear layer (He-orthogonal init, no bias by default) followed by an optional scaled SiLU.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        bias: add a bias (initialised to zero).
+        activation: ``"silu"`` or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, activation: str | None = None):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.reset_parameters()
+        self._activation = make_activation(activation)
+
+    def reset_parameters(self, initializer=he_orthogonal_init) -> None:
+        initializer(self.linear.weight)
+        if self.linear.bias is not None:
+            nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._activation(self.linear(x))
+
+
+class ResidualLayer(nn.Module):
+    """x -> (x + MLP(x)) / sqrt(2) with ``n_layers`` dense layers of equal width.
+
+    Args:
+        units: width.
+        n_layers: dense layers inside the block.
+        activation: activation of every dense layer.
+    """
+
+    def __init__(self, units: int, n_layers: int = 2, activation: str | None = None):
+        super().__init__()
+        self.dense_mlp = nn.Sequential(*[Dense(units, units, activation=activation) for _ in range(n_layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.dense_mlp(x)) * (1 / math.sqrt(2))
+
+
+class ScaleFactor(nn.Module):
+    """A fitted constant that keeps activations at unit variance (0 = not fitted = identity).
+
+    Stored as a non-trainable parameter named ``scale_factor`` so Open Catalyst checkpoints (and
+    their EMA, which skips it) load unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale_factor = nn.Parameter(torch.tensor(0.0), requires_grad=False)
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.scale_factor != 0)
+
+    def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        # ``ref`` is the tensor whose variance the factor was fitted against; unused at inference
+        return x * self.scale_factor if self.fitted else x
+
+
+# --------------------------------------------------------------------------------------------
+# embeddings
+# --------------------------------------------------------------------------------------------
+class AtomEmbedding(nn.Module):
+    """Learned vector per element (row Z-1, so hydrogen is row 0).
+
+    Args:
+        emb_size: width.
+        num_elements: number of elements covered (Z = 1..num_elements).
+    """
+
+    def __init__(self, emb_size: int, num_elements: int):
+        super().__init__()
+        self.emb_size = emb_size
+        self.embeddings = nn.Embedding(num_elements, emb_size)
+        nn.init.uniform_(self.embeddings.weight, -math.sqrt(3), math.sqrt(3))
+
+    def forward(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(atomic_numbers - 1)
+
+
+class EdgeEmbedding(nn.Module):
+    """Edge s->t: Dense([h_s, h_t, m_st]).
+
+    Args:
+        atom_features: atom embedding width.
+        edge_features: width of the per-edge input (radial basis or edge embedding).
+        out_features: output width.
+        activation: activation of the dense layer.
+    """
+
+    def __init__(self, atom_features: int, edge_features: int, out_features: int, activation: str | None = None):
+        super().__init__()
+        self.dense = Dense(2 * atom_features + edge_features, out_features, activation=activation)
+
+    def forward(self, h: torch.Tensor, m: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.dense(torch.cat([h[edge_index[0]], h[edge_index[1]], m], dim=-1))
+
+
+# --------------------------------------------------------------------------------------------
+# efficient basis contraction
+# --------------------------------------------------------------------------------------------
+def _padded(values: torch.Tensor, outer: torch.Tensor, inner: torch.Tensor, rows: int) -> torch.Tensor:
+    """Scatter ``values`` into a zero tensor [rows, K, ...] at (outer, inner); K = max(inner)+1."""
+    k = int(inner.max()) + 1 if inner.numel() else 0
+    out = values.new_zeros((rows, k, *values.shape[1:]))
+    out[outer, inner] = values
+    return out
+
+
+class BasisEmbedding(nn.Module):
+    """Project a raw basis onto an intermediate width, shared across interaction blocks.
+
+    With ``num_spherical`` the weight is ``[num_radial, num_spherical, emb]`` and the radial part
+    becomes ``[E, emb, num_spherical]`` (the reshape order of the reference, which trained
+    checkpoints depend on); without it, ``[emb, num_radial]`` (a plain radial projection).
+
+    Args:
+        num_radial: radial functions.
+        emb_size_interm: intermediate width.
+        num_spherical: angular functions (None for a radial-only projection).
+    """
+
+    def __init__(self, num_radial: int, emb_size_interm: int, num_spherical: int | None = None):
+        super().__init__()
+        self.num_radial = num_radial
+        self.num_spherical = num_spherical
+        shape = (emb_size_interm, num_radial) if num_spherical is None else (num_radial, num_spherical, emb_size_interm)
+        self.weight = nn.Parameter(torch.empty(shape))
+        he_orthogonal_init(self.weight)
+
+    def forward(
+        self,
+        rad_basis: torch.Tensor,
+        sph_basis: torch.Tensor | None = None,
+        idx_rad_outer: torch.Tensor | None = None,
+        idx_rad_inner: torch.Tensor | None = None,
+        idx_sph_outer: torch.Tensor | None = None,
+        idx_sph_inner: torch.Tensor | None = None,
+        num_atoms: int | None = None,
+    ):
+        """Returns the projected radial part, optionally combined with the angular part.
+
+        - radial only: ``[E, emb]``, or per atom ``[A, emb, K]`` with ``idx_rad_*``;
+        - ``sph_basis`` and ``idx_sph_outer`` only: the per-triplet product ``[T, emb]``;
+        - with ``idx_sph_inner``: ``(rad [E or A, emb, (K·)num_spherical], sph [E, num_spherical, K])``
+          for :class:`EfficientInteractionBilinear`.
+        """
+        n_edges = rad_basis.shape[0]
+        if self.num_spherical is not None:
+            rad = (rad_basis @ self.weight.reshape(self.weight.shape[0], -1)).reshape(n_edges, -1, sph_basis.shape[-1])
+        else:
+            rad = rad_basis @ self.weight.T
+
+        if idx_rad_inner is not None:
+            # neighbours of each atom side by side: [A, emb, K(·num_spherical)]
+            per_atom = _padded(rad, idx_rad_outer, idx_rad_inner, num_atoms)
+            rad = per_atom.transpose(1, 2).reshape(num_atoms, rad.shape[1], -1)
+
+        if sph_basis is None:
+            return rad
+        if idx_sph_inner is None:
+            return (rad[idx_sph_outer] @ sph_basis[:, :, None]).squeeze(-1)
+        sph = _padded(sph_basis, idx_sph_outer, idx_sph_inner, n_edges).transpose(1, 2)
+        return rad, sph
+
+
+class EfficientInteractionBilinear(nn.Module):
+    """Sum over triplets/quadruplets of basis ⊗ message, then a bilinear map, as dense matmuls.
+
+    Args:
+        emb_size_in: width of the incoming messages.
+        emb_size_interm: width of the projected basis.
+        emb_size_out: output width.
+    """
+
+    def __init__(self, emb_size_in: int, emb_size_interm: int, emb_size_out: int):
+        super().__init__()
+        self.emb_size_in = emb_size_in
+        self.emb_size_interm = emb_size_interm
+        self.emb_size_out = emb_size_out
+        self.bilinear = Dense(emb_size_in * emb_size_interm, emb_size_out)
+
+    def forward(
+        self,
+        basis: tuple[torch.Tensor, torch.Tensor],
+        m: torch.Tensor,
+        idx_agg_outer: torch.Tensor,
+        idx_agg_inner: torch.Tensor,
+        idx_agg2_outer: torch.Tensor | None = None,
+        idx_agg2_inner: torch.Tensor | None = None,
+        agg2_out_size: int | None = None,
+    ) -> torch.Tensor:
+        rad, sph = basis  # [E, interm, S] (or per atom [A, interm, K2·S]), [E, S, K]
+        m_padded = _padded(m, idx_agg_outer, idx_agg_inner, sph.shape[0])  # [E, K, in]
+        sph_m = sph @ m_padded  # [E, S, in]
+        if idx_agg2_outer is not None:
+            # second aggregation (edges -> atoms), again through a padded matrix
+            per_atom = _padded(sph_m, idx_agg2_outer, idx_agg2_inner, agg2_out_size)  # [A, K2, S, in]
+            sph_m = per_atom.reshape(agg2_out_size, -1, sph_m.shape[-1])
+        out = rad @ sph_m  # [E or A, interm, in]
+        return self.bilinear(out.reshape(-1, out.shape[1] * out.shape[2]))

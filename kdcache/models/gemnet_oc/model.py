@@ -1,0 +1,646 @@
+"""GemNet-OC (Gasteiger et al., TMLR 2022), the teacher of the distillation pipeline.
+
+Four graphs on the same atoms, each with its own cutoff and neighbour limit:
+
+* atom-atom (``a2a``, the largest; built by :func:`kdcache.graph.radius_graph_pbc`),
+* main (embedded edges; made symmetric so every edge has its counter-edge),
+* atom-edge/edge-atom (``a2ee2a``),
+* quadruplet (``qint``; only edges touching atoms whose tag is in ``qint_tags``).
+
+Graphs are always built on the fly from positions (the reference's ``otf_graph=True``), so
+precomputed dataset graphs are never needed.
+
+Constructor arguments carry the Open Catalyst names (``model_attributes`` of a checkpoint) and
+the module tree reproduces its parameter names, so an OCP checkpoint's ``state_dict`` (minus the
+``module.`` prefix) loads directly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcache import graph as G
+from kdcache import keys as K
+from kdcache.errors import DataError
+from kdcache.features import aggregate_edge_features
+from kdcache.models.base import PotentialModel
+from kdcache.models.gemnet_oc.bases import CircularBasisLayer, RadialBasis, SphericalBasisLayer
+from kdcache.models.gemnet_oc.blocks import InteractionBlock, OutputBlock
+from kdcache.models.gemnet_oc.indices import get_mixed_triplets, get_quadruplets, get_triplets, inner_index
+from kdcache.models.gemnet_oc.layers import (
+    AtomEmbedding,
+    BasisEmbedding,
+    Dense,
+    EdgeEmbedding,
+    ResidualLayer,
+    get_initializer,
+)
+
+log = logging.getLogger(__name__)
+
+VECTOR = K.EDGE_VECTOR
+DISTANCE = G.DISTANCE
+TARGET_NEIGHBOR_IDX = "target_neighbor_idx"
+
+
+def _cos_clamped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cosine between unit vectors, clamped to [-1, 1] against rounding."""
+    return (x * y).sum(dim=-1).clamp(min=-1, max=1)
+
+
+def _angle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Angle between u and v via atan2(|u×v|, u·v); |u×v| floored so the gradient stays finite."""
+    x = (u * v).sum(dim=-1)
+    y = torch.linalg.cross(u, v, dim=-1).norm(dim=-1).clamp(min=1e-9)
+    return torch.atan2(y, x)
+
+
+class GemNetOC(PotentialModel):
+    """GemNet-OC energy and force model.
+
+    Args (Open Catalyst names):
+        num_spherical: angular functions per angle.
+        num_radial: radial functions.
+        num_blocks: interaction blocks.
+        emb_size_atom, emb_size_edge: atom and edge embedding widths.
+        emb_size_trip_in, emb_size_trip_out: triplet bilinear widths.
+        emb_size_quad_in, emb_size_quad_out: quadruplet bilinear widths.
+        emb_size_aint_in, emb_size_aint_out: atom-atom bilinear widths.
+        emb_size_rbf, emb_size_cbf, emb_size_sbf: widths of the shared basis projections.
+        num_before_skip, num_after_skip, num_concat, num_atom: residual layers of the blocks.
+        num_output_afteratom: residual layers of the output blocks after adding atoms.
+        num_atom_emb_layers: residual layers on the atom embeddings in each block.
+        num_global_out_layers: residual layers of the global output MLPs.
+        regress_forces: predict forces.
+        direct_forces: forces as Σ_edges F_st · unit vector (True) or -∂E/∂pos (False).
+        use_pbc: use periodic images (per structure as given by ``pbc``); False = molecules.
+        cutoff, cutoff_qint, cutoff_aeaint, cutoff_aint: cutoffs (Å) of the four graphs; the
+            optional ones default as in the reference (the main cutoff; the largest for a2a).
+        max_neighbors, max_neighbors_qint, max_neighbors_aeaint, max_neighbors_aint:
+            neighbour limits of the four graphs, defaulted likewise.
+        enforce_max_neighbors_strictly: cut exactly at the limit even inside degenerate shells.
+        rbf, rbf_spherical, envelope, cbf, sbf: basis choices (``{"name": ..., **hparams}``).
+        extensive: energy = sum (True) or mean (False) of atom energies.
+        forces_coupled: average F_st and F_ts (direct forces only).
+        output_init: initialiser of the final layers (``HeOrthogonal`` or ``zeros``).
+        activation: ``silu``.
+        quad_interaction, atom_edge_interaction, edge_atom_interaction, atom_interaction:
+            which interactions to use.
+        scale_basis: fitted scale factors on the raw bases.
+        qint_tags: atom tags that take part in quadruplet interactions (OC20: [1, 2]).
+        num_elements: elements covered by the atom embedding (Z = 1..num_elements).
+        scale_file: scale factors to load (``.pt``/``.json`` file or dict ``module path -> value``).
+        otf_graph, use_pbc_single, scale_backprop_forces: accepted for compatibility; graphs are
+            always built on the fly and batched, and float64/float32 force scaling is not needed.
+    """
+
+    name = "gemnet_oc"
+    available_features = (K.NODE, K.EDGE, K.E2N, K.E2V)
+
+    def __init__(
+        self,
+        num_spherical: int,
+        num_radial: int,
+        num_blocks: int,
+        emb_size_atom: int,
+        emb_size_edge: int,
+        emb_size_trip_in: int,
+        emb_size_trip_out: int,
+        emb_size_quad_in: int,
+        emb_size_quad_out: int,
+        emb_size_aint_in: int,
+        emb_size_aint_out: int,
+        emb_size_rbf: int,
+        emb_size_cbf: int,
+        emb_size_sbf: int,
+        num_before_skip: int,
+        num_after_skip: int,
+        num_concat: int,
+        num_atom: int,
+        num_output_afteratom: int,
+        num_atom_emb_layers: int = 0,
+        num_global_out_layers: int = 2,
+        regress_forces: bool = True,
+        direct_forces: bool = False,
+        use_pbc: bool = True,
+        cutoff: float = 6.0,
+        cutoff_qint: float | None = None,
+        cutoff_aeaint: float | None = None,
+        cutoff_aint: float | None = None,
+        max_neighbors: int = 50,
+        max_neighbors_qint: int | None = None,
+        max_neighbors_aeaint: int | None = None,
+        max_neighbors_aint: int | None = None,
+        enforce_max_neighbors_strictly: bool = True,
+        rbf: dict | None = None,
+        rbf_spherical: dict | None = None,
+        envelope: dict | None = None,
+        cbf: dict | None = None,
+        sbf: dict | None = None,
+        extensive: bool = True,
+        forces_coupled: bool = False,
+        output_init: str = "HeOrthogonal",
+        activation: str = "silu",
+        quad_interaction: bool = False,
+        atom_edge_interaction: bool = False,
+        edge_atom_interaction: bool = False,
+        atom_interaction: bool = False,
+        scale_basis: bool = False,
+        qint_tags: list | tuple | None = None,
+        num_elements: int = 83,
+        scale_file: str | dict | None = None,
+        otf_graph: bool = True,
+        use_pbc_single: bool = False,
+        scale_backprop_forces: bool = False,
+        **unknown,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            log.warning("GemNetOC: ignoring unknown arguments %s", sorted(unknown))
+        if num_blocks < 1:
+            raise ValueError("num_blocks must be at least 1")
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "unknown", "__class__")}
+
+        rbf = rbf or {"name": "gaussian"}
+        rbf_spherical = rbf_spherical or rbf
+        envelope = envelope or {"name": "polynomial", "exponent": 5}
+        cbf = cbf or {"name": "spherical_harmonics"}
+        sbf = sbf or {"name": "spherical_harmonics"}
+        qint_tags = [0, 1, 2] if qint_tags is None else list(qint_tags)
+
+        self.num_blocks = num_blocks
+        self.extensive = extensive
+        self.activation = activation
+        self.quad_interaction = quad_interaction
+        self.atom_edge_interaction = atom_edge_interaction
+        self.edge_atom_interaction = edge_atom_interaction
+        self.atom_interaction = atom_interaction
+        self.register_buffer("qint_tags", torch.tensor(qint_tags, dtype=torch.long), persistent=False)
+        self.use_pbc = use_pbc
+        self.regress_forces = regress_forces
+        self.direct_forces = direct_forces
+        self.forces_coupled = forces_coupled
+        self.enforce_max_neighbors_strictly = enforce_max_neighbors_strictly
+        if not direct_forces:
+            # edge features only exist on the direct-force branch
+            self.available_features = (K.NODE,)
+        self._set_cutoffs(cutoff, cutoff_qint, cutoff_aeaint, cutoff_aint)
+        self._set_max_neighbors(max_neighbors, max_neighbors_qint, max_neighbors_aeaint, max_neighbors_aint)
+
+        # --- bases (registration order = the reference's, so parameter order and names match) ---
+        def radial(c: float, kind: dict) -> RadialBasis:
+            return RadialBasis(num_radial=num_radial, cutoff=c, rbf=kind, envelope=envelope, scale_basis=scale_basis)
+
+        self.radial_basis = radial(self.cutoff, rbf)
+        radial_spherical = radial(self.cutoff, rbf_spherical)  # shared by several angular bases
+        if quad_interaction:
+            self.cbf_basis_qint = CircularBasisLayer(
+                num_spherical, radial(self.cutoff_qint, rbf_spherical), cbf, scale_basis
+            )
+            self.sbf_basis_qint = SphericalBasisLayer(num_spherical, radial_spherical, sbf, scale_basis)
+        if atom_edge_interaction or edge_atom_interaction:
+            self.radial_basis_aeaint = radial(self.cutoff_aeaint, rbf)
+        if atom_edge_interaction:
+            self.cbf_basis_aeint = CircularBasisLayer(num_spherical, radial_spherical, cbf, scale_basis)
+        if edge_atom_interaction:
+            self.cbf_basis_eaint = CircularBasisLayer(
+                num_spherical, radial(self.cutoff_aeaint, rbf_spherical), cbf, scale_basis
+            )
+        if atom_interaction:
+            self.radial_basis_aint = radial(self.cutoff_aint, rbf)
+        self.cbf_basis_tint = CircularBasisLayer(num_spherical, radial_spherical, cbf, scale_basis)
+
+        # --- basis projections shared by all interaction blocks ---
+        def rad_proj() -> Dense:
+            return Dense(num_radial, emb_size_rbf)
+
+        if quad_interaction:
+            self.mlp_rbf_qint = rad_proj()
+            self.mlp_cbf_qint = BasisEmbedding(num_radial, emb_size_cbf, num_spherical)
+            self.mlp_sbf_qint = BasisEmbedding(num_radial, emb_size_sbf, num_spherical**2)
+        if atom_edge_interaction:
+            self.mlp_rbf_aeint = rad_proj()
+            self.mlp_cbf_aeint = BasisEmbedding(num_radial, emb_size_cbf, num_spherical)
+        if edge_atom_interaction:
+            self.mlp_rbf_eaint = rad_proj()
+            self.mlp_cbf_eaint = BasisEmbedding(num_radial, emb_size_cbf, num_spherical)
+        if atom_interaction:
+            self.mlp_rbf_aint = BasisEmbedding(num_radial, emb_size_rbf)
+        self.mlp_rbf_tint = rad_proj()
+        self.mlp_cbf_tint = BasisEmbedding(num_radial, emb_size_cbf, num_spherical)
+        self.mlp_rbf_h = rad_proj()
+        self.mlp_rbf_out = rad_proj()
+        # (parameter, number of blocks sharing it): the reference divides their gradients by it
+        self.shared_parameters = [
+            (self.mlp_rbf_tint.linear.weight, num_blocks),
+            (self.mlp_cbf_tint.weight, num_blocks),
+            (self.mlp_rbf_h.linear.weight, num_blocks),
+            (self.mlp_rbf_out.linear.weight, num_blocks + 1),
+        ]
+        if quad_interaction:
+            self.shared_parameters += [(self.mlp_rbf_qint.linear.weight, num_blocks),
+                                       (self.mlp_cbf_qint.weight, num_blocks),
+                                       (self.mlp_sbf_qint.weight, num_blocks)]
+        if atom_edge_interaction:
+            self.shared_parameters += [(self.mlp_rbf_aeint.linear.weight, num_blocks),
+                                       (self.mlp_cbf_aeint.weight, num_blocks)]
+        if edge_atom_interaction:
+            self.shared_parameters += [(self.mlp_rbf_eaint.linear.weight, num_blocks),
+                                       (self.mlp_cbf_eaint.weight, num_blocks)]
+        if atom_interaction:
+            self.shared_parameters += [(self.mlp_rbf_aint.weight, num_blocks)]
+
+        # --- embeddings, blocks, outputs ---
+        self.atom_emb = AtomEmbedding(emb_size_atom, num_elements)
+        self.edge_emb = EdgeEmbedding(emb_size_atom, num_radial, emb_size_edge, activation=activation)
+        self.int_blocks = nn.ModuleList(
+            InteractionBlock(
+                emb_size_atom=emb_size_atom,
+                emb_size_edge=emb_size_edge,
+                emb_size_trip_in=emb_size_trip_in,
+                emb_size_trip_out=emb_size_trip_out,
+                emb_size_quad_in=emb_size_quad_in,
+                emb_size_quad_out=emb_size_quad_out,
+                emb_size_a2a_in=emb_size_aint_in,
+                emb_size_a2a_out=emb_size_aint_out,
+                emb_size_rbf=emb_size_rbf,
+                emb_size_cbf=emb_size_cbf,
+                emb_size_sbf=emb_size_sbf,
+                num_before_skip=num_before_skip,
+                num_after_skip=num_after_skip,
+                num_concat=num_concat,
+                num_atom=num_atom,
+                num_atom_emb_layers=num_atom_emb_layers,
+                quad_interaction=quad_interaction,
+                atom_edge_interaction=atom_edge_interaction,
+                edge_atom_interaction=edge_atom_interaction,
+                atom_interaction=atom_interaction,
+                activation=activation,
+            )
+            for _ in range(num_blocks)
+        )
+        self.out_blocks = nn.ModuleList(
+            OutputBlock(
+                emb_size_atom=emb_size_atom,
+                emb_size_edge=emb_size_edge,
+                emb_size_rbf=emb_size_rbf,
+                nHidden=num_atom,
+                nHidden_afteratom=num_output_afteratom,
+                activation=activation,
+                direct_forces=direct_forces,
+            )
+            for _ in range(num_blocks + 1)
+        )
+
+        def global_mlp(units: int) -> nn.Sequential:
+            return nn.Sequential(
+                Dense(units * (num_blocks + 1), units, activation=activation),
+                *[ResidualLayer(units, activation=activation) for _ in range(num_global_out_layers)],
+            )
+
+        self.out_mlp_E = global_mlp(emb_size_atom)
+        self.out_energy = Dense(emb_size_atom, 1)
+        if direct_forces:
+            self.out_mlp_F = global_mlp(emb_size_edge)
+            self.out_forces = Dense(emb_size_edge, 1)
+        init = get_initializer(output_init)
+        self.out_energy.reset_parameters(init)
+        if direct_forces:
+            self.out_forces.reset_parameters(init)
+
+        if scale_file:
+            from kdcache.models.checkpoint import apply_scale_file  # lazy: the loader imports models
+
+            apply_scale_file(self, scale_file)
+
+    # ------------------------------------------------------------------------------------------
+    # cutoffs and neighbour limits (defaults as the reference)
+    # ------------------------------------------------------------------------------------------
+    def _set_cutoffs(self, cutoff, cutoff_qint, cutoff_aeaint, cutoff_aint) -> None:
+        self.cutoff = cutoff
+        aeaint = self.atom_edge_interaction or self.edge_atom_interaction
+        self.cutoff_aeaint = cutoff_aeaint if aeaint and cutoff_aeaint is not None else cutoff
+        self.cutoff_qint = cutoff_qint if self.quad_interaction and cutoff_qint is not None else cutoff
+        if self.atom_interaction and cutoff_aint is not None:
+            self.cutoff_aint = cutoff_aint
+        else:
+            self.cutoff_aint = max(self.cutoff, self.cutoff_aeaint, self.cutoff_qint)
+        if not (self.cutoff <= self.cutoff_aint and self.cutoff_aeaint <= self.cutoff_aint
+                and self.cutoff_qint <= self.cutoff_aint):
+            raise ValueError("cutoff_aint must be the largest cutoff")
+
+    def _set_max_neighbors(self, max_neighbors, max_qint, max_aeaint, max_aint) -> None:
+        self.max_neighbors = max_neighbors
+        aeaint = self.atom_edge_interaction or self.edge_atom_interaction
+        self.max_neighbors_aeaint = max_aeaint if aeaint and max_aeaint is not None else max_neighbors
+        self.max_neighbors_qint = max_qint if self.quad_interaction and max_qint is not None else max_neighbors
+        if self.atom_interaction and max_aint is not None:
+            self.max_neighbors_aint = max_aint
+        else:
+            self.max_neighbors_aint = max(max_neighbors, self.max_neighbors_aeaint, self.max_neighbors_qint)
+        if not (max_neighbors <= self.max_neighbors_aint and self.max_neighbors_aeaint <= self.max_neighbors_aint
+                and self.max_neighbors_qint <= self.max_neighbors_aint):
+            raise ValueError("max_neighbors_aint must be the largest neighbour limit")
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------
+    # graphs and indices
+    # ------------------------------------------------------------------------------------------
+    def _subgraph(self, parent: dict, batch_vec, n_struct, cutoff, max_nb, parent_cutoff, parent_max) -> dict:
+        """Tighter cutoff / neighbour limit, applied only where they differ from the parent's."""
+        return G.select_edges(
+            parent,
+            batch_vec,
+            cutoff=None if np.isclose(cutoff, parent_cutoff) else cutoff,
+            max_neighbors=None if max_nb == parent_max else max_nb,
+            enforce_max_neighbors_strictly=self.enforce_max_neighbors_strictly,
+            num_structures=n_struct,
+        )
+
+    def build_graphs(self, pos: torch.Tensor, data) -> dict:
+        """All graphs and interaction indices of one batch (positions may require grad)."""
+        natoms = data[K.NATOMS].view(-1).to(pos.device)
+        n_struct = natoms.shape[0]
+        n_atoms = pos.shape[0]
+        batch_vec = data[K.BATCH] if K.BATCH in data else torch.repeat_interleave(
+            torch.arange(n_struct, device=pos.device), natoms
+        )
+        cell = data[K.CELL] if K.CELL in data else None
+        cell = pos.new_zeros(n_struct, 3, 3) if cell is None else cell.reshape(n_struct, 3, 3).to(pos.dtype)
+        pbc = data[K.PBC] if K.PBC in data else None
+        if pbc is None:
+            pbc = cell.detach().abs().sum(dim=-1) > 0
+        pbc = torch.as_tensor(pbc, device=pos.device).bool().reshape(n_struct, 3)
+        if not self.use_pbc:
+            pbc = torch.zeros_like(pbc)
+
+        def radius_graph(c: float, max_nb: int) -> dict:
+            edge_index, offset, neighbors = G.radius_graph_pbc(
+                pos, cell, pbc, natoms, c, max_nb, self.enforce_max_neighbors_strictly
+            )
+            distance, vector = G.edge_geometry(pos, cell, batch_vec, edge_index, offset)
+            return {K.EDGE_INDEX: edge_index, K.CELL_OFFSET: offset, DISTANCE: distance, VECTOR: vector,
+                    G.NEIGHBORS: neighbors}
+
+        uses_a2a = self.atom_edge_interaction or self.edge_atom_interaction or self.atom_interaction
+        a2a_graph, a2ee2a_graph = {}, {}
+        if uses_a2a:
+            a2a_graph = radius_graph(self.cutoff_aint, self.max_neighbors_aint)
+            parent, pc, pm = a2a_graph, self.cutoff_aint, self.max_neighbors_aint
+            main_graph = self._subgraph(parent, batch_vec, n_struct, self.cutoff, self.max_neighbors, pc, pm)
+            a2ee2a_graph = self._subgraph(
+                parent, batch_vec, n_struct, self.cutoff_aeaint, self.max_neighbors_aeaint, pc, pm
+            )
+        else:
+            main_graph = radius_graph(self.cutoff, self.max_neighbors)
+            parent, pc, pm = main_graph, self.cutoff, self.max_neighbors
+
+        qint_graph = {}
+        if self.quad_interaction:
+            qint_graph = self._subgraph(parent, batch_vec, n_struct, self.cutoff_qint, self.max_neighbors_qint, pc, pm)
+            tags = data[K.TAGS] if K.TAGS in data else None
+            if tags is None:
+                raise DataError("<batch>", None, K.TAGS, "GemNet-OC quadruplet interactions need atom tags")
+            tags = tags.to(pos.device)
+            s, t = qint_graph[K.EDGE_INDEX]
+            tag_ok = (tags[:, None] == self.qint_tags.to(tags.device)).any(dim=-1)
+            qint_graph = G.mask_edges(qint_graph, tag_ok[s] | tag_ok[t], batch_vec, n_struct)
+
+        # every main edge needs its counter-edge for symmetric message passing
+        main_graph = G.symmetrize_graph(main_graph, batch_vec, n_struct, keep_self_image="negative")
+        id_swap = main_graph[G.ID_SWAP]
+
+        trip_idx_e2e = get_triplets(main_graph, num_atoms=n_atoms)
+        quad_idx = get_quadruplets(main_graph, qint_graph, n_atoms) if self.quad_interaction else {}
+        trip_idx_a2e, trip_idx_e2a = {}, {}
+        if self.atom_edge_interaction:
+            trip_idx_a2e = get_mixed_triplets(a2ee2a_graph, main_graph, n_atoms, return_agg_idx=True)
+        if self.edge_atom_interaction:
+            trip_idx_e2a = get_mixed_triplets(main_graph, a2ee2a_graph, n_atoms, return_agg_idx=True)
+            # the a2ee2a graph is sorted by target, as the padded aggregation needs
+            a2ee2a_graph[TARGET_NEIGHBOR_IDX] = inner_index(a2ee2a_graph[K.EDGE_INDEX][1], n_atoms)
+        if self.atom_interaction:
+            a2a_graph[TARGET_NEIGHBOR_IDX] = inner_index(a2a_graph[K.EDGE_INDEX][1], n_atoms)
+
+        return dict(
+            main_graph=main_graph,
+            a2a_graph=a2a_graph,
+            a2ee2a_graph=a2ee2a_graph,
+            qint_graph=qint_graph,
+            id_swap=id_swap,
+            trip_idx_e2e=trip_idx_e2e,
+            trip_idx_a2e=trip_idx_a2e,
+            trip_idx_e2a=trip_idx_e2a,
+            quad_idx=quad_idx,
+            batch=batch_vec,
+            natoms=natoms,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # bases
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _quad_angles(v_main: torch.Tensor, v_qint: torch.Tensor, quad_idx: dict):
+        """cos(c-a-b), cos(a-b-d) and the dihedral c-a-b-d of every quadruplet."""
+        t_in, t_out = quad_idx["triplet_in"], quad_idx["triplet_out"]
+        # d -> b -> a
+        v_ba = v_qint[t_in["out"]]
+        v_db = v_main[t_in["in"]]
+        cos_abd = _cos_clamped(v_ba, v_db)
+        # normals of the planes (a, b, d) and (c, a, b); their angle is the dihedral (no sign)
+        n_db = torch.linalg.cross(v_db, v_ba, dim=-1)[quad_idx["trip_in_to_quad"]]
+        # c -> a <- b
+        v_ca = v_main[t_out["out"]]
+        v_ba_out = v_qint[t_out["in"]]
+        cos_cab = _cos_clamped(v_ca, v_ba_out)
+        n_ca = torch.linalg.cross(v_ca, v_ba_out, dim=-1)[quad_idx["trip_out_to_quad"]]
+        return cos_cab, cos_abd, _angle(n_ca, n_db)
+
+    def get_bases(self, g: dict, num_atoms: int):
+        main, a2a, a2ee2a, qint = g["main_graph"], g["a2a_graph"], g["a2ee2a_graph"], g["qint_graph"]
+        trip_e2e, trip_a2e, trip_e2a, quad_idx = g["trip_idx_e2e"], g["trip_idx_a2e"], g["trip_idx_e2a"], g["quad_idx"]
+
+        rad_main = self.radial_basis(main[DISTANCE])
+        cos_e2e = _cos_clamped(main[VECTOR][trip_e2e["out"]], main[VECTOR][trip_e2e["in"]])
+        rad_cir_e2e, cir_e2e = self.cbf_basis_tint(main[DISTANCE], cos_e2e)
+
+        bases_qint: dict = {}
+        if self.quad_interaction:
+            cos_cab, cos_abd, dihedral = self._quad_angles(main[VECTOR], qint[VECTOR], quad_idx)
+            rad_cir_q, cir_q = self.cbf_basis_qint(qint[DISTANCE], cos_abd)
+            rad_sph_q, sph_q = self.sbf_basis_qint(
+                main[DISTANCE], cos_cab[quad_idx["trip_out_to_quad"]], dihedral
+            )
+            bases_qint["rad"] = self.mlp_rbf_qint(rad_main)
+            bases_qint["cir"] = self.mlp_cbf_qint(
+                rad_basis=rad_cir_q, sph_basis=cir_q, idx_sph_outer=quad_idx["triplet_in"]["out"]
+            )
+            bases_qint["sph"] = self.mlp_sbf_qint(
+                rad_basis=rad_sph_q, sph_basis=sph_q, idx_sph_outer=quad_idx["out"], idx_sph_inner=quad_idx["out_agg"]
+            )
+
+        bases_a2e: dict = {}
+        if self.atom_edge_interaction:
+            rad_a2ee2a = self.radial_basis_aeaint(a2ee2a[DISTANCE])
+            cos_a2e = _cos_clamped(main[VECTOR][trip_a2e["out"]], a2ee2a[VECTOR][trip_a2e["in"]])
+            rad_cir_a2e, cir_a2e = self.cbf_basis_aeint(main[DISTANCE], cos_a2e)
+            bases_a2e["rad"] = self.mlp_rbf_aeint(rad_a2ee2a)
+            bases_a2e["cir"] = self.mlp_cbf_aeint(
+                rad_basis=rad_cir_a2e, sph_basis=cir_a2e, idx_sph_outer=trip_a2e["out"], idx_sph_inner=trip_a2e["out_agg"]
+            )
+
+        bases_e2a: dict = {}
+        if self.edge_atom_interaction:
+            cos_e2a = _cos_clamped(a2ee2a[VECTOR][trip_e2a["out"]], main[VECTOR][trip_e2a["in"]])
+            rad_cir_e2a, cir_e2a = self.cbf_basis_eaint(a2ee2a[DISTANCE], cos_e2a)
+            bases_e2a["rad"] = self.mlp_rbf_eaint(rad_main)
+            bases_e2a["cir"] = self.mlp_cbf_eaint(
+                rad_basis=rad_cir_e2a,
+                sph_basis=cir_e2a,
+                idx_rad_outer=a2ee2a[K.EDGE_INDEX][1],
+                idx_rad_inner=a2ee2a[TARGET_NEIGHBOR_IDX],
+                idx_sph_outer=trip_e2a["out"],
+                idx_sph_inner=trip_e2a["out_agg"],
+                num_atoms=num_atoms,
+            )
+
+        basis_a2a_rad = None
+        if self.atom_interaction:
+            basis_a2a_rad = self.mlp_rbf_aint(
+                rad_basis=self.radial_basis_aint(a2a[DISTANCE]),
+                idx_rad_outer=a2a[K.EDGE_INDEX][1],
+                idx_rad_inner=a2a[TARGET_NEIGHBOR_IDX],
+                num_atoms=num_atoms,
+            )
+
+        bases_e2e = {
+            "rad": self.mlp_rbf_tint(rad_main),
+            "cir": self.mlp_cbf_tint(
+                rad_basis=rad_cir_e2e, sph_basis=cir_e2e, idx_sph_outer=trip_e2e["out"], idx_sph_inner=trip_e2e["out_agg"]
+            ),
+        }
+        return dict(
+            rad_main=rad_main,
+            basis_atom_update=self.mlp_rbf_h(rad_main),
+            basis_output=self.mlp_rbf_out(rad_main),
+            bases_qint=bases_qint,
+            bases_e2e=bases_e2e,
+            bases_a2e=bases_a2e,
+            bases_e2a=bases_e2a,
+            basis_a2a_rad=basis_a2a_rad,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+    def forward(self, batch, features=()) -> dict[str, torch.Tensor]:
+        """Energy [S], forces [N, 3], atom_energy [N] (raw units) and the requested features.
+
+        Args:
+            batch: PyG ``Data``/``Batch`` with ``pos, atomic_numbers, natoms, cell, pbc, tags``.
+            features: any of ``node`` (x_E [N, emb_atom]), ``edge`` (x_F [E, emb_edge] of the
+                main graph, returned with ``edge_index``, ``edge_vector``, ``cell_offset``),
+                ``e2n`` and ``e2v`` (their per-atom sums, see :mod:`kdcache.features`).
+        """
+        wanted = self.check_features(features)
+        gradient_forces = self.regress_forces and not self.direct_forces
+        with torch.set_grad_enabled(torch.is_grad_enabled() or gradient_forces):
+            pos = batch[K.POSITIONS]
+            if gradient_forces and not pos.requires_grad:
+                pos = pos.detach().requires_grad_(True)
+            return self._forward(batch, pos, wanted, gradient_forces)
+
+    def _forward(self, data, pos: torch.Tensor, wanted: frozenset, gradient_forces: bool) -> dict:
+        z = data[K.ATOMIC_NUMBERS].long()
+        num_atoms = z.shape[0]
+        if num_atoms and (int(z.min()) < 1 or int(z.max()) > self.atom_emb.embeddings.num_embeddings):
+            raise DataError(
+                "<batch>", None, K.ATOMIC_NUMBERS,
+                f"atomic numbers must lie in 1..{self.atom_emb.embeddings.num_embeddings}, "
+                f"got {int(z.min())}..{int(z.max())}",
+            )
+        g = self.build_graphs(pos, data)
+        main = g["main_graph"]
+        edge_index = main[K.EDGE_INDEX]
+        idx_t = edge_index[1]
+        b = self.get_bases(g, num_atoms)
+
+        h = self.atom_emb(z)
+        m = self.edge_emb(h, b["rad_main"], edge_index)
+        x_E, x_F = self.out_blocks[0](h, m, b["basis_output"], idx_t)
+        xs_E, xs_F = [x_E], [x_F]
+        for i, block in enumerate(self.int_blocks):
+            h, m = block(
+                h=h,
+                m=m,
+                bases_qint=b["bases_qint"],
+                bases_e2e=b["bases_e2e"],
+                bases_a2e=b["bases_a2e"],
+                bases_e2a=b["bases_e2a"],
+                basis_a2a_rad=b["basis_a2a_rad"],
+                basis_atom_update=b["basis_atom_update"],
+                edge_index_main=edge_index,
+                a2ee2a_graph=g["a2ee2a_graph"],
+                a2a_graph=g["a2a_graph"],
+                id_swap=g["id_swap"],
+                trip_idx_e2e=g["trip_idx_e2e"],
+                trip_idx_a2e=g["trip_idx_a2e"],
+                trip_idx_e2a=g["trip_idx_e2a"],
+                quad_idx=g["quad_idx"],
+            )
+            x_E, x_F = self.out_blocks[i + 1](h, m, b["basis_output"], idx_t)
+            xs_E.append(x_E)
+            xs_F.append(x_F)
+
+        # --- energy ---
+        node = self.out_mlp_E(torch.cat(xs_E, dim=-1))  # x_E [N, emb_atom]
+        atom_energy = self.out_energy(node).squeeze(-1)  # [N]
+        batch_vec, natoms = g["batch"], g["natoms"]
+        n_struct = natoms.shape[0]
+        if not self.extensive:
+            # per-atom shares of a mean, so that they still sum to the structure's energy
+            atom_energy = atom_energy / natoms[batch_vec].to(atom_energy.dtype)
+        energy = atom_energy.new_zeros(n_struct).index_add_(0, batch_vec, atom_energy)
+        out = {K.ENERGY: energy, K.ATOM_ENERGY: atom_energy}
+        if K.NODE in wanted:
+            out[K.NODE] = node
+
+        # --- forces ---
+        edge = None
+        if self.direct_forces:
+            edge = self.out_mlp_F(torch.cat(xs_F, dim=-1))  # x_F [E, emb_edge]
+        if self.regress_forces:
+            if self.direct_forces:
+                f_st = self.out_forces(edge)  # [E, 1]
+                if self.forces_coupled:
+                    # |F_st| = |F_ts|: average each edge with its counter-edge
+                    f_st = (f_st + f_st[g["id_swap"]]) / 2
+                out[K.FORCES] = (f_st * main[VECTOR]).new_zeros(num_atoms, 3).index_add_(
+                    0, idx_t, f_st * main[VECTOR]
+                )
+            else:
+                (grad,) = torch.autograd.grad(
+                    energy, pos, grad_outputs=torch.ones_like(energy), create_graph=self.training
+                )
+                out[K.FORCES] = -grad
+
+        # --- edge features ---
+        if K.EDGE in wanted:
+            out[K.EDGE] = edge
+            out[K.EDGE_INDEX] = edge_index
+            out[K.EDGE_VECTOR] = main[VECTOR]
+            out[K.CELL_OFFSET] = main[K.CELL_OFFSET]
+        if wanted & {K.E2N, K.E2V}:
+            out.update(
+                aggregate_edge_features(
+                    edge, edge_index, main[VECTOR], num_atoms, want_e2n=K.E2N in wanted, want_e2v=K.E2V in wanted
+                )
+            )
+        return out

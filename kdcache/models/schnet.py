@@ -1,0 +1,196 @@
+"""SchNet (Schütt et al. 2017) in the Open Catalyst configuration.
+
+Continuous-filter convolutions on a periodic radius graph (at most 50 nearest neighbours per atom,
+strict, as the reference wrapper fixes it), a two-layer per-atom output network and a sum over
+atoms; forces are ``-dE/dpos``. Parameter names follow torch_geometric's SchNet, which the
+reference wraps, so Open Catalyst checkpoints load key for key. As there, each interaction's
+filter network is one module reachable under two names (``mlp`` and ``conv.nn``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from kdcache import keys as K
+from kdcache.models.base import PotentialModel
+from kdcache.models.painn import GaussianBasis, _batch_index, student_graph
+
+#: the reference wrapper fixes the neighbour limit to this value
+SCHNET_MAX_NEIGHBORS = 50
+
+
+class ShiftedSoftplus(nn.Module):
+    """softplus(x) - log 2, zero at x = 0.
+
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = math.log(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(x) - self.shift
+
+
+class CFConv(nn.Module):
+    """Continuous-filter convolution: t receives Σ_s lin1(h_s) ⊙ W(d_st) · cos-cutoff(d_st).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        num_filters: filter channels.
+        filter_net: module mapping ``[E, num_gaussians] -> [E, num_filters]``.
+        cutoff: radius of the cosine cutoff (Å).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_filters: int, filter_net: nn.Module, cutoff: float):
+        super().__init__()
+        self.lin1 = nn.Linear(in_channels, num_filters, bias=False)
+        self.lin2 = nn.Linear(num_filters, out_channels)
+        self.nn = filter_net
+        self.cutoff = cutoff
+        nn.init.xavier_uniform_(self.lin1.weight)
+        nn.init.xavier_uniform_(self.lin2.weight)
+        nn.init.zeros_(self.lin2.bias)
+
+    def forward(self, h, src, dst, dist, dist_basis):
+        envelope = 0.5 * (torch.cos(dist * (math.pi / self.cutoff)) + 1.0)
+        w = self.nn(dist_basis) * envelope[:, None]
+        msg = self.lin1(h)[src] * w
+        agg = msg.new_zeros(h.shape[0], msg.shape[1]).index_add_(0, dst, msg)
+        return self.lin2(agg)
+
+
+class InteractionBlock(nn.Module):
+    """One SchNet interaction: CFConv -> shifted softplus -> linear (the residual is outside).
+
+    Args:
+        hidden_channels: atom feature channels.
+        num_gaussians: distance basis size.
+        num_filters: filter channels.
+        cutoff: cutoff radius (Å).
+    """
+
+    def __init__(self, hidden_channels: int, num_gaussians: int, num_filters: int, cutoff: float):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(num_gaussians, num_filters), ShiftedSoftplus(), nn.Linear(num_filters, num_filters)
+        )
+        self.conv = CFConv(hidden_channels, hidden_channels, num_filters, self.mlp, cutoff)
+        self.act = ShiftedSoftplus()
+        self.lin = nn.Linear(hidden_channels, hidden_channels)
+        for layer in (self.mlp[0], self.mlp[2], self.lin):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h, src, dst, dist, dist_basis):
+        return self.lin(self.act(self.conv(h, src, dst, dist, dist_basis)))
+
+
+class SchNet(PotentialModel):
+    """SchNet with the Open Catalyst constructor arguments and state-dict layout.
+
+    ``forward`` returns raw ``energy [S]``, ``forces [N, 3]`` (= -dE/dpos), ``atom_energy [N]`` and,
+    on request, ``node`` = atom features after the last interaction ``[N, hidden_channels]``.
+
+    Args:
+        use_pbc: periodic images in the graph (where the structure's ``pbc`` says so).
+        use_pbc_single: accepted for config compatibility.
+        regress_forces: predict forces (by differentiating the energy).
+        otf_graph: accepted for config compatibility (graphs are always built on the fly).
+        hidden_channels: atom feature channels.
+        num_filters: continuous-filter channels.
+        num_interactions: interaction blocks.
+        num_gaussians: Gaussians of the distance expansion on [0, cutoff].
+        cutoff: graph and filter cutoff (Å).
+        readout: ``"sum"`` (extensive energy) or ``"mean"``.
+    """
+
+    name = "schnet"
+    available_features = (K.NODE,)
+
+    def __init__(
+        self,
+        use_pbc: bool = True,
+        use_pbc_single: bool = False,
+        regress_forces: bool = True,
+        otf_graph: bool = False,
+        hidden_channels: int = 128,
+        num_filters: int = 128,
+        num_interactions: int = 6,
+        num_gaussians: int = 50,
+        cutoff: float = 10.0,
+        readout: str = "sum",
+    ) -> None:
+        super().__init__()
+        if readout not in ("sum", "mean"):
+            raise ValueError(f"readout must be 'sum' or 'mean', not {readout!r}")
+        self.config = dict(
+            use_pbc=use_pbc,
+            use_pbc_single=use_pbc_single,
+            regress_forces=regress_forces,
+            otf_graph=otf_graph,
+            hidden_channels=hidden_channels,
+            num_filters=num_filters,
+            num_interactions=num_interactions,
+            num_gaussians=num_gaussians,
+            cutoff=float(cutoff),
+            readout=readout,
+        )
+        self.use_pbc = use_pbc
+        self.regress_forces = regress_forces
+        self.cutoff = float(cutoff)
+        self.readout = readout
+        self.max_neighbors = SCHNET_MAX_NEIGHBORS
+        self.hidden_channels = hidden_channels
+
+        # Element Z uses row Z (row 0 unused), 100 rows as in the reference.
+        self.embedding = nn.Embedding(100, hidden_channels, padding_idx=0)
+        self.distance_expansion = GaussianBasis(0.0, self.cutoff, num_gaussians)
+        self.interactions = nn.ModuleList(
+            InteractionBlock(hidden_channels, num_gaussians, num_filters, self.cutoff) for _ in range(num_interactions)
+        )
+        self.lin1 = nn.Linear(hidden_channels, hidden_channels // 2)
+        self.act = ShiftedSoftplus()
+        self.lin2 = nn.Linear(hidden_channels // 2, 1)
+        for layer in (self.lin1, self.lin2):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, batch, features: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        wanted = self.check_features(features)
+        outer_grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(outer_grad or self.regress_forces):
+            pos = batch[K.POSITIONS]
+            if self.regress_forces and not pos.requires_grad:
+                pos = pos.detach().requires_grad_(True)
+            z = batch[K.ATOMIC_NUMBERS].long()
+            src, dst, dist, _ = student_graph(
+                batch, pos, self.cutoff, self.max_neighbors, self.use_pbc, symmetric=False
+            )
+            basis = self.distance_expansion(dist)
+
+            h = self.embedding(z)
+            for block in self.interactions:
+                h = h + block(h, src, dst, dist, basis)
+            node = h
+            atom_energy = self.lin2(self.act(self.lin1(h)))[:, 0]
+
+            idx = _batch_index(batch, h.shape[0])
+            n_struct = batch[K.NATOMS].shape[0]
+            energy = atom_energy.new_zeros(n_struct).index_add_(0, idx, atom_energy)
+            if self.readout == "mean":
+                energy = energy / batch[K.NATOMS].to(energy.dtype)
+            out = {K.ENERGY: energy, K.ATOM_ENERGY: atom_energy}
+            if self.regress_forces:
+                (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=outer_grad)
+                out[K.FORCES] = -grad
+        if K.NODE in wanted:
+            out[K.NODE] = node
+        if not outer_grad:
+            out = {k: v.detach() for k, v in out.items()}
+        return out

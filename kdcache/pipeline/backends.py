@@ -1,0 +1,224 @@
+"""The pipeline's only contact with the other parts of kdcache (data, models, stage one, stage two,
+evaluation). Everything is called in-process through the packages' Python APIs; each adapter is
+small so that an API change touches one function here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kdcache import keys as K
+from kdcache.errors import ConfigError
+
+
+# --- devices -------------------------------------------------------------------------------------
+def resolve_device(device: str | None) -> str:
+    """``auto`` -> ``cuda`` when present, else ``cpu``."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# --- data ----------------------------------------------------------------------------------------
+def make_demo_data(out: Path, num_train: int, num_val: int, num_test: int, seed: int) -> dict:
+    """Write the embedded demo splits into ``out`` and return ``{split: file name}``."""
+    from kdcache.data import demo
+
+    writer = _first_attr(demo, ("write_demo", "write_demo_splits"))
+    sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
+    kwargs = _accepted(writer, {**sizes, "seed": seed, "progress": True})
+    result = writer(out, **kwargs)
+    names = {}
+    for split in ("train", "val", "test"):
+        p = None
+        if isinstance(result, dict) and split in result:
+            p = Path(result[split])
+        elif (out / f"{split}.lmdb").exists():
+            p = out / f"{split}.lmdb"
+        if p is None or not p.exists():
+            raise ConfigError(f"demo data writer did not produce the {split} split in {out}")
+        names[split] = str(p.resolve().relative_to(out.resolve()))
+    return names
+
+
+def open_dataset(path: str | Path, **options):
+    from kdcache.data import open_dataset as _open
+
+    return _open(path, **options)
+
+
+# --- models --------------------------------------------------------------------------------------
+def build_preset(name: str, device: str | torch.device | None = None, **overrides):
+    """Build a preset model (on ``device``; ``"meta"`` allocates nothing)."""
+    from kdcache.models.presets import build_preset as _build
+
+    if device is None:
+        return _build(name, **overrides)
+    with torch.device(device):
+        return _build(name, **overrides)
+
+
+def count_preset(name: str) -> dict:
+    """Registry name, hidden features and parameter count of a preset, built on the meta device
+    (no memory for weights) and on CPU only when a constructor cannot run on meta."""
+    try:
+        model = build_preset(name, device="meta")
+        where = "meta"
+    except ConfigError:
+        raise
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"preset {name!r}: {exc}") from None
+    except Exception:  # e.g. a basis computed with numpy during construction
+        model = build_preset(name)
+        where = "cpu"
+    params = sum(p.numel() for p in model.parameters())
+    return {"name": getattr(model, "name", type(model).__name__), "params": int(params),
+            "features": tuple(getattr(model, "available_features", ())), "built_on": where}
+
+
+def load_model(checkpoint: str | Path, device: str):
+    from kdcache.evaluate import load_model as _load
+
+    return _load(checkpoint, device)
+
+
+def checkpoint_model_name(checkpoint: str | Path) -> str | None:
+    """The registry name a checkpoint records (kdcache or Open Catalyst layout), or None."""
+    try:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return None
+    name = ck.get("model") if isinstance(ck, dict) else None
+    if name is None and isinstance(ck, dict) and isinstance(ck.get("config"), dict):
+        name = ck["config"].get("model")
+        if isinstance(name, dict):
+            name = name.get("name")
+    return str(name).lower().replace("-", "_") if name else None
+
+
+# --- stage two: training ----------------------------------------------------------------------
+def train(settings: dict, out: Path, device: str) -> dict:
+    """Train one model with ``kdcache train``'s Python API (resumes when ``out`` holds a run).
+
+    Args:
+        settings: TrainConfig settings (student, data, val, store, strategy, feature_loss, ...).
+        out: the run folder.
+
+    Returns:
+        ``{"checkpoint": best (or last) checkpoint, "metrics": metrics.csv}`` relative to ``out``.
+    """
+    from kdcache.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({**settings, "out": str(out), "device": device}, source=f"pipeline run {out}")
+    from kdcache.train import train as run_training
+
+    run_training(cfg)
+    return train_outputs(out)
+
+
+def train_outputs(out: Path) -> dict:
+    out = Path(out)
+    for name in ("best.pt", "checkpoints/best.pt", "last.pt", "checkpoints/last.pt"):
+        if (out / name).exists():
+            ckpt = name
+            break
+    else:
+        raise ConfigError(f"training in {out} finished without a checkpoint (best.pt / last.pt)")
+    metrics = next((m for m in ("metrics.csv", "logs/metrics.csv") if (out / m).exists()), "")
+    return {"checkpoint": ckpt, "metrics": metrics}
+
+
+# --- stage one: extraction ---------------------------------------------------------------------
+def extract(checkpoint: str | Path, teacher: str | None, data: str | Path, out: Path, features: tuple[str, ...],
+            dtype: str, batch_size: int, device: str, options: dict | None = None) -> None:
+    """Run ``kdcache extract``'s Python API (it resumes an interrupted store by itself)."""
+    import importlib
+
+    mod = importlib.import_module("kdcache.store.extract")
+    fn = _first_attr(mod, ("extract", "run_extract", "extract_store"))
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(options or {}) - set(params))
+    if unknown:
+        raise ConfigError(f"store.options {unknown}: not settings of kdcache extract ({', '.join(params)})")
+    values = {"checkpoint": str(checkpoint), "teacher": teacher, "data": str(data), "out": str(out),
+              "features": list(features), "dtype": dtype, "batch_size": batch_size, "device": device,
+              "progress": True, **(options or {})}
+    fn(**_accepted(fn, values, required=("checkpoint", "data", "out")))
+
+
+def store_feature_keys(path: str | Path) -> tuple[str, ...]:
+    from kdcache.store import FeatureStore
+
+    return tuple(FeatureStore.open(path).feature_keys)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+def evaluate(checkpoint: str | Path, data: str | Path, batch_size: int, device: str) -> dict:
+    """``kdcache eval``'s metrics of a checkpoint (energy_mae meV, force_mae meV/Å, force_cos,
+    efwt as a fraction, samples_per_s)."""
+    from kdcache.evaluate import evaluate_checkpoint
+
+    return dict(evaluate_checkpoint(checkpoint, data, batch_size=batch_size, device=device))
+
+
+def collect(checkpoint: str | Path, data: str | Path, num_samples: int, batch_size: int, device: str,
+            features: tuple[str, ...] = (K.NODE,)) -> tuple[dict, dict]:
+    """Predictions and hidden features of a model on the first ``num_samples`` samples.
+
+    Returns:
+        ``(predictions, features)``: predictions hold ``energy_true/pred [S]``,
+        ``forces_true/pred [N, 3]`` (physical units, free atoms only) and ``natoms``; features
+        hold each requested key the model has, ``[N_all, ...]`` float32 in sample order.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from kdcache.train.data import collate
+
+    model = load_model(checkpoint, device)
+    model.eval()
+    wanted = tuple(f for f in features if f in getattr(model, "available_features", (K.NODE,)))
+    ds = open_dataset(data)
+    n = min(num_samples, len(ds))
+    loader = DataLoader(Subset(ds, range(n)), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    preds = {"energy_true": [], "energy_pred": [], "forces_true": [], "forces_pred": [], "natoms": []}
+    feats: dict[str, list] = {f: [] for f in wanted}
+    for batch in loader:
+        batch = batch.to(device)
+        with torch.no_grad():
+            out = model.predict(batch, features=wanted)
+        free = ~batch[K.FIXED].bool() if K.FIXED in batch else torch.ones_like(batch[K.ATOMIC_NUMBERS], dtype=torch.bool)
+        preds["energy_true"].append(batch[K.ENERGY].double().cpu())
+        preds["energy_pred"].append(out[K.ENERGY].detach().double().cpu())
+        preds["forces_true"].append(batch[K.FORCES][free].double().cpu())
+        preds["forces_pred"].append(out[K.FORCES][free].detach().double().cpu())
+        preds["natoms"].append(batch[K.NATOMS].cpu())
+        for f in wanted:
+            feats[f].append(out[f].detach().float().cpu())
+    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
+    return {k: cat(v) for k, v in preds.items()}, {k: cat(v) for k, v in feats.items()}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+def _first_attr(module, names):
+    for n in names:
+        fn = getattr(module, n, None)
+        if callable(fn):
+            return fn
+    raise ConfigError(f"{module.__name__} has none of {names}")
+
+
+def _accepted(fn, values: dict, required=()) -> dict:
+    """The subset of ``values`` that ``fn`` accepts (all of them if it takes ``**kwargs``)."""
+    sig = inspect.signature(fn)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return values
+    kept = {k: v for k, v in values.items() if k in sig.parameters}
+    missing = [r for r in required if r not in kept]
+    if missing:
+        raise ConfigError(f"{fn.__module__}.{fn.__name__} does not take {missing}; the pipeline needs them")
+    return kept

@@ -1,0 +1,80 @@
+"""``kdcache pipeline validate``: everything about a recipe that can be checked without running it.
+
+Settings parse (the recipe schema and stage two's own configuration), the presets exist and build
+(on the meta device: no memory for weights), each strategy can be served by the teacher's
+architecture and the student's, and (optionally) the data and checkpoint files exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdcache.errors import ConfigError
+from kdcache.pipeline import backends as B
+from kdcache.pipeline.recipe import Recipe, load_recipe
+from kdcache.pipeline.runner import resolve_store_features
+
+
+def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build_models: bool = True) -> dict:
+    """Check a recipe; return a summary (models with parameter counts, runs, store features).
+
+    Args:
+        recipe: a recipe file or a loaded recipe.
+        check_files: require data paths and the teacher checkpoint to exist (and environment
+            variables in them to be set).
+        build_models: build the teacher and student presets on the meta device.
+
+    Raises:
+        ConfigError: naming the recipe file and the key.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, strict=check_files)
+    r = recipe
+
+    def fail(key, msg):
+        return ConfigError(f"recipe {r.path}: key {key!r}: {msg}")
+
+    summary: dict = {"name": r.name, "out": str(r.out), "runs": ["baseline"] + [s.name for s in r.strategies]}
+    teacher_arch = None
+    if build_models:
+        for key, spec in (("teacher", r.teacher), ("students", r.student)):
+            if spec.preset is None:
+                continue
+            try:
+                info = B.count_preset(spec.preset)
+            except ImportError as exc:
+                raise fail(f"{key}.preset", f"cannot build presets ({exc})") from None
+            except ConfigError as exc:
+                raise fail(f"{key}.preset", str(exc)) from None
+            summary[key] = {"preset": spec.preset, **info}
+        teacher_arch = summary.get("teacher", {}).get("name")
+        student = summary.get("students")
+        if student is not None:
+            for i, s in enumerate(r.strategies):
+                if "v2v" in s.terms and "vector" not in student["features"]:
+                    raise fail(f"strategies[{i}]", f"v2v needs a student with vector features (PaiNN); "
+                                                   f"{r.student.preset} ({student['name']}) has {list(student['features'])}")
+    if check_files:
+        if r.data.demo is None:
+            for k in ("train", "val", "test"):
+                if not Path(getattr(r.data, k)).exists():
+                    raise fail(f"data.{k}", f"{getattr(r.data, k)} does not exist")
+        if r.teacher.checkpoint is not None:
+            if not Path(r.teacher.checkpoint).is_file():
+                raise fail("teacher.checkpoint", f"{r.teacher.checkpoint} does not exist")
+            teacher_arch = B.checkpoint_model_name(r.teacher.checkpoint) or teacher_arch
+    if r.strategies:
+        summary["store_features"] = list(resolve_store_features(r, teacher_arch))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"recipe {summary['name']}: ok (output {summary['out']})"]
+    for key in ("teacher", "students"):
+        if key in summary:
+            m = summary[key]
+            lines.append(f"  {key:<8} {m['preset']:<16} {m['name']:<10} {m['params'] / 1e6:8.3f} M parameters")
+    if "store_features" in summary:
+        lines.append(f"  store    {', '.join(summary['store_features'])}")
+    lines.append(f"  runs     {', '.join(summary['runs'])}")
+    return "\n".join(lines)

@@ -1,0 +1,483 @@
+"""Stage one: run a teacher once over a dataset and write its targets into a feature store.
+
+Work is cut into the store's groups (whole shards). Each group is computed in batches that start
+at the group's first sample, so its values do not depend on where a run started: a resumed run, a
+multi-process run and an uninterrupted single run write the same bytes. Under ``torchrun`` each
+rank takes a contiguous, shard-aligned range of groups; rank 0 creates the store, waits for every
+group's marker and finishes the store.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from kdcache import keys as K
+from kdcache.errors import ConfigError, DataError, StoreError
+from kdcache.store import format as F
+from kdcache.store.writer import StoreWriter, jsonable, remove_store
+
+RANDOM_TEACHER_WARNING = (
+    "RANDOMLY INITIALISED TEACHER: no checkpoint was given, so the stored targets come from "
+    "untrained weights. Fine for a demo or a test; worthless for distillation."
+)
+#: config keys that describe the teacher's graph (recorded as "graph settings")
+_GRAPH_WORDS = ("cutoff", "max_neighbors", "pbc", "otf_graph", "qint_tags", "enforce_max_neighbors")
+
+
+@dataclass
+class Teacher:
+    """A teacher model with everything provenance needs."""
+
+    model: torch.nn.Module
+    name: str
+    config: dict
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    weights_sha256: str
+    preset: str | None = None
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        d = {
+            "name": self.name,
+            "preset": self.preset,
+            "config": self.config,
+            "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "weights_sha256": self.weights_sha256,
+            "normalizer": self.model.normalizer.as_dict(),
+            **self.extra,
+        }
+        if self.checkpoint is None:
+            d["random_init"] = True
+            d["seed"] = self.seed
+            d["warning"] = RANDOM_TEACHER_WARNING
+        return d
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the state dict (names, dtypes, shapes and bytes), independent of device."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _registry_name(teacher: str) -> str | None:
+    """Registry name implied by a preset name (``gemnet-oc-tiny`` -> ``gemnet_oc``)."""
+    from kdcache.models import MODEL_CLASSES
+
+    t = teacher.lower().replace("-", "_")
+    for reg in sorted(MODEL_CLASSES, key=len, reverse=True):
+        if t == reg or t.startswith(reg + "_"):
+            return reg
+    return None
+
+
+def load_teacher(teacher: str | None, checkpoint: str | None, device: torch.device, seed: int = 0) -> Teacher:
+    """Resolve ``--teacher``/``--checkpoint``: a checkpoint's own model configuration always wins
+    over a preset; a preset without a checkpoint is randomly initialised (with a loud warning).
+
+    Args:
+        teacher: preset name (``gemnet-oc``, ``painn-big``, ``schnet-tiny``, ...) or None.
+        checkpoint: checkpoint file or None.
+        device: where to run.
+        seed: initialisation seed of a checkpoint-less teacher (kept for resume).
+    """
+    if checkpoint is None and teacher is None:
+        raise ConfigError("extract needs --checkpoint (a trained teacher) and/or --teacher (a preset name)")
+    if checkpoint is not None:
+        from kdcache.models.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(checkpoint, device=device)
+        if teacher is not None:
+            implied = _registry_name(teacher)
+            if implied is not None and implied != loaded.name:
+                raise ConfigError(
+                    f"--teacher {teacher!r} is a {implied} model but checkpoint {checkpoint} holds a {loaded.name} model"
+                )
+        return Teacher(
+            model=loaded.model,
+            name=loaded.name,
+            config=jsonable(loaded.config),
+            checkpoint=str(Path(checkpoint).resolve()),
+            checkpoint_sha256=loaded.sha256,
+            weights_sha256=weights_sha256(loaded.model),
+            preset=teacher,
+            extra={"checkpoint_format": loaded.source_format, "used_ema": loaded.used_ema},
+        )
+    try:
+        from kdcache.models.presets import build_preset
+    except ImportError as exc:  # pragma: no cover - presets are part of the package
+        raise ConfigError(f"model presets are unavailable ({exc}); pass --checkpoint") from exc
+    torch.manual_seed(seed)
+    try:
+        model = build_preset(teacher)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"unknown teacher preset {teacher!r}: {exc}") from exc
+    model = model.to(device).eval()
+    print(f"WARNING: {RANDOM_TEACHER_WARNING}", file=sys.stderr)
+    return Teacher(
+        model=model,
+        name=model.name,
+        config=jsonable(model.config),
+        checkpoint=None,
+        checkpoint_sha256=None,
+        weights_sha256=weights_sha256(model),
+        preset=teacher,
+        seed=seed,
+    )
+
+
+def resolve_features(model, features: Sequence[str] | None) -> tuple[list[str], bool]:
+    """(per-atom keys to store, whether energies/forces are stored) for ``--features``."""
+    offered = [k for k in F.HIDDEN_KEYS if k in getattr(model, "available_features", ())]
+    if features is None:
+        wanted = [*offered, K.ATOM_ENERGY, F.OUTPUTS]
+    else:
+        wanted = [f.strip() for f in features if f.strip()]
+    unknown = [f for f in wanted if f not in F.FEATURE_CHOICES]
+    if unknown:
+        raise ConfigError(f"unknown feature(s) {unknown}; choose from {list(F.FEATURE_CHOICES)}")
+    lacking = [f for f in wanted if f in F.HIDDEN_KEYS and f not in offered]
+    if lacking:
+        hint = ""
+        if K.VECTOR in offered and (K.E2V in lacking or K.E2N in lacking):
+            hint = " (a PaiNN teacher's v2v target is its own 'vector' feature)"
+        raise ConfigError(f"teacher {model.name!r} cannot give {lacking}: it offers {offered + [K.ATOM_ENERGY, F.OUTPUTS]}{hint}")
+    keys = [k for k in F.PER_ATOM_KEYS if k in wanted or (k == K.FORCES and F.OUTPUTS in wanted)]
+    if not keys:
+        raise ConfigError("--features selects nothing per atom; name at least one of node, e2n, e2v, vector, atom_energy, outputs")
+    return keys, F.OUTPUTS in wanted
+
+
+def open_data(path: str | os.PathLike):
+    """The dataset at ``path`` (through :func:`kdcache.data.open_dataset`)."""
+    from kdcache import data as kdata
+
+    if hasattr(kdata, "open_dataset"):
+        return kdata.open_dataset(path)
+    # the dataset front door is being written; use the concrete readers meanwhile
+    p = Path(path)
+    if p.suffix == ".lmdb" or (p.is_dir() and any(p.glob("*.lmdb"))):
+        from kdcache.data.lmdb_dataset import LmdbDataset
+
+        return LmdbDataset(p)
+    from kdcache.data.coll import AseDataset
+
+    return AseDataset(p)
+
+
+def _sample_hash(data) -> int:
+    from kdcache.data.sample import sample_hash
+
+    return sample_hash(data)
+
+
+def dataset_natoms(dataset, n: int, progress: bool = False) -> np.ndarray:
+    """Atoms of the first ``n`` samples (needed up front to lay out the shards)."""
+    fast = getattr(dataset, "natoms_array", None)
+    if callable(fast):
+        return np.asarray(fast(), dtype=np.int64)[:n]
+    out = np.zeros(n, dtype=np.int64)
+    it = range(n)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="planning", unit="sample", file=sys.stderr, mininterval=1.0)
+    for i in it:
+        out[i] = int(dataset[i][K.POSITIONS].shape[0])
+    return out
+
+
+def _graph_settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if any(w in k for w in _GRAPH_WORDS)}
+
+
+def _fingerprint(dataset, path) -> dict:
+    fp = dataset.fingerprint() if hasattr(dataset, "fingerprint") else {"num_samples": len(dataset)}
+    return jsonable(fp)
+
+
+@dataclass
+class ExtractResult:
+    path: str
+    num_samples: int
+    groups_written: int
+    seconds_total: float
+    seconds_forward: float  # data loading + teacher forward + conversion
+    seconds_write: float  # zarr writes of shards + markers
+    resumed: bool
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def write_share(self) -> float:
+        busy = self.seconds_forward + self.seconds_write
+        return self.seconds_write / busy if busy else 0.0
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _default_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
+def extract(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    teacher: str | None = None,
+    checkpoint: str | None = None,
+    features: Sequence[str] | None = None,
+    dtype: str = "float16",
+    label_dtype: str = "float32",
+    codec: str = "none",
+    batch_size: int = 16,
+    device: str | None = None,
+    limit: int | None = None,
+    shard_atoms: int = F.DEFAULT_SHARD_ATOMS,
+    chunk_atoms: int = F.DEFAULT_CHUNK_ATOMS,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> ExtractResult:
+    """Run ``teacher`` over ``data`` into the store ``out`` (create, resume, or refuse).
+
+    Args:
+        data: dataset path (anything :func:`kdcache.data.open_dataset` reads).
+        out: store folder (``*.zarr``).
+        teacher: preset name; optional when ``checkpoint`` names its model.
+        checkpoint: teacher checkpoint (its configuration wins over the preset's).
+        features: subset of ``node, e2n, e2v, vector, atom_energy, outputs`` (default: all the
+            teacher offers).
+        dtype: hidden-feature dtype: ``float16``, ``bfloat16`` or ``float32``.
+        label_dtype: dtype of energies/per-atom energies/forces: ``float32`` or ``float64``.
+        codec: ``none`` (default, fastest reads), ``zstd`` or ``blosc-lz4``.
+        batch_size: samples per teacher forward (part of the store's identity: a resume must
+            use the same, so that batches, and hence values, are the same).
+        device: ``cpu``, ``cuda``, ``cuda:1``...; default ``cuda:LOCAL_RANK`` when CUDA exists.
+        limit: store only the first ``limit`` samples.
+        shard_atoms: atoms per shard (~64 k).
+        chunk_atoms: atoms per inner chunk (64-256).
+        overwrite: replace an existing store made with different settings.
+        seed: initialisation seed of a checkpoint-less (random) teacher.
+        progress: show a progress bar (rank 0).
+    """
+    t_start = time.perf_counter()
+    if dtype not in F.FEATURE_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose from {list(F.FEATURE_DTYPES)}")
+    if label_dtype not in F.LABEL_DTYPES:
+        raise ConfigError(f"--label-dtype {label_dtype!r}: choose from {list(F.LABEL_DTYPES)}")
+    if codec not in F.CODECS:
+        raise ConfigError(f"--codec {codec!r}: choose from {list(F.CODECS)}")
+    if batch_size <= 0:
+        raise ConfigError("--batch-size must be positive")
+    rank, world_size, local_rank = _dist_env()
+    dev = torch.device(device) if device else _default_device(local_rank)
+    dist = None
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, timeout=_dt.timedelta(hours=12))
+    try:
+        return _extract(
+            data, out, teacher, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
+            shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, dist, t_start,
+        )
+    finally:
+        if dist is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _broadcast(dist, obj, rank):
+    if dist is None:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
+             shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, dist, t_start) -> ExtractResult:
+    from torch_geometric.data import Batch
+
+    out = Path(out)
+    dataset = open_data(data)
+    n_total = len(dataset)
+    n = n_total if limit is None else max(0, min(int(limit), n_total))
+    teacher = load_teacher(teacher_name, checkpoint, dev, seed=seed)
+    model = teacher.model
+    for p in model.parameters():  # forces may need autograd w.r.t. positions, never w.r.t. weights
+        p.requires_grad_(False)
+    keys, has_energy = resolve_features(model, features)
+    hidden = [k for k in keys if k in F.HIDDEN_KEYS]
+    dtypes = {k: (dtype if k in F.HIDDEN_KEYS else label_dtype) for k in keys}
+    dtypes[K.ENERGY] = label_dtype
+    fingerprint = _fingerprint(dataset, data)
+    request = {
+        "teacher": {k: teacher.describe()[k] for k in ("name", "config", "checkpoint_sha256", "weights_sha256")},
+        "dataset": fingerprint,
+        "num_samples": n,
+        "features": keys,
+        "outputs": has_energy,
+        "dtypes": dtypes,
+        "codec": codec,
+        "shard_atoms": shard_atoms,
+        "chunk_atoms": chunk_atoms,
+        "batch_size": batch_size,
+    }
+    if teacher.checkpoint is None:
+        request["teacher"]["seed"] = seed
+
+    # --- rank 0: create, resume or refuse; the others learn the outcome ---------------------
+    status: dict[str, Any] = {"error": None, "resumed": False}
+    failure = None
+    if rank == 0:
+        try:
+            status["resumed"] = _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden,
+                                               codec, shard_atoms, chunk_atoms, fingerprint, has_energy, dev, progress)
+        except Exception as exc:  # every rank must hear about it, or the others wait forever
+            failure = exc
+            status["error"] = f"{type(exc).__name__}: {exc}"
+    status = _broadcast(dist, status, rank)
+    if failure is not None:
+        raise failure
+    if status["error"]:
+        raise StoreError(f"rank 0 could not prepare {out}: {status['error']}")
+
+    writer = StoreWriter.open(out)
+    lay = writer.layout
+    if writer.complete:
+        if rank == 0:
+            print(f"{out}: already complete ({lay.num_samples} samples); nothing to do", file=sys.stderr)
+        return ExtractResult(str(out), lay.num_samples, 0, time.perf_counter() - t_start, 0.0, 0.0, True, rank, world_size)
+
+    mine = lay.rank_groups(rank, world_size)
+    done = writer.done_groups()
+    todo = [g for g in mine if g not in done]
+    n_mine = sum(len(lay.group_samples(g)) for g in mine)
+    n_done = n_mine - sum(len(lay.group_samples(g)) for g in todo)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_mine, initial=n_done, unit="sample", desc=f"extract {teacher.name}", file=sys.stderr,
+                   mininterval=0.5, smoothing=0.1)
+    t_fwd = t_write = 0.0
+    t_recorded = time.perf_counter()
+    delay = float(os.environ.get("KDCACHE_TEST_GROUP_DELAY", "0") or 0)  # tests: widen the kill window
+    storage = {k: F.storage_dtype(dtypes[k]) for k in keys}
+    shapes = {k: tuple(writer.root[k].shape[1:]) for k in keys}
+    for g in todo:
+        t0 = time.perf_counter()
+        lo, hi = lay.group_atoms(g)
+        rows = {k: np.zeros((hi - lo, *shapes[k]), dtype=storage[k]) for k in keys}
+        samples = lay.group_samples(g)
+        energy = np.zeros(len(samples), dtype=np.float64)
+        hashes = np.zeros(len(samples), dtype=np.uint64)
+        for b0 in range(samples.start, samples.stop, batch_size):
+            ids = range(b0, min(b0 + batch_size, samples.stop))
+            items = [dataset[i] for i in ids]
+            for i, item in zip(ids, items):
+                if int(item[K.POSITIONS].shape[0]) != int(lay.natoms[i]):
+                    raise DataError(data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the store "
+                                    f"was laid out for {int(lay.natoms[i])}: the dataset changed; use --overwrite")
+                hashes[i - samples.start] = np.int64(_sample_hash(item)).view(np.uint64)
+            batch = Batch.from_data_list(items).to(dev)
+            pred = model.predict(batch, hidden)
+            a = int(lay.atom_start[ids.start]) - lo
+            b = a + int(lay.natoms[ids.start : ids.stop].sum())
+            for k in keys:
+                rows[k][a:b] = F.to_storage(pred[k], dtypes[k])
+            energy[ids.start - samples.start : ids.stop - samples.start] = (
+                pred[K.ENERGY].detach().double().cpu().numpy() if has_energy else 0.0
+            )
+            if bar is not None:
+                bar.update(len(ids))
+        t1 = time.perf_counter()
+        writer.write_group(g, rows, energy, hashes)
+        t2 = time.perf_counter()
+        t_fwd += t1 - t0
+        t_write += t2 - t1
+        if bar is not None:
+            bar.set_postfix_str(f"write {100 * t_write / max(t_fwd + t_write, 1e-9):.1f}%", refresh=False)
+        if rank == 0 and world_size == 1 and (t2 - t_recorded > 10.0 or g == todo[-1]):
+            writer.record_partial_ranges()  # informational (`kdcache store info`); markers decide
+            t_recorded = t2
+        if delay:
+            time.sleep(delay)
+    if bar is not None:
+        bar.close()
+
+    if rank == 0:
+        while writer.missing_groups():  # other ranks are still writing their shards
+            time.sleep(0.5)
+        total = time.perf_counter() - t_start
+        writer.finalize(extra={"extraction": {
+            "world_size": world_size,
+            "device": str(dev),
+            "rank0_seconds_forward": round(t_fwd, 3),
+            "rank0_seconds_write": round(t_write, 3),
+            "rank0_seconds_total": round(total, 3),
+        }})
+    return ExtractResult(str(out), lay.num_samples, len(todo), time.perf_counter() - t_start, t_fwd, t_write,
+                         bool(status["resumed"]), rank, world_size)
+
+
+def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden, codec, shard_atoms,
+                   chunk_atoms, fingerprint, has_energy, dev, progress) -> bool:
+    """Create the store, or check an existing one can be resumed. Returns True when resuming."""
+    from torch_geometric.data import Batch
+
+    if out.exists() and not overwrite:
+        existing = StoreWriter.open(out)
+        existing.check_request(request)
+        # a run killed mid-write may leave zarr's temporary files behind
+        for tmp in out.rglob("*.partial"):
+            tmp.unlink(missing_ok=True)
+        return True
+    if out.exists():
+        remove_store(out)
+    # one forward on the first sample tells the feature widths
+    if n == 0:
+        raise ConfigError(f"{dataset!r} has no samples to extract")
+    probe = model.predict(Batch.from_data_list([dataset[0]]).to(dev), hidden)
+    row_shapes = {k: tuple(probe[k].shape[1:]) for k in keys}
+    natoms = dataset_natoms(dataset, n, progress=progress)
+    layout = F.Layout.plan(natoms, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms)
+    sample_index = np.arange(n, dtype=np.int64)
+    provenance = {
+        "teacher": teacher.describe(),
+        "dataset": {**fingerprint, "path": str(Path(getattr(dataset, "path", "")).resolve()) if getattr(dataset, "path", None) else None},
+        "graph": _graph_settings(teacher.config),
+        "features": keys,
+        "has_energy": has_energy,
+        "warnings": [RANDOM_TEACHER_WARNING] if teacher.checkpoint is None else [],
+    }
+    # build the empty store beside its final place and rename it: a kill during creation leaves
+    # no half-made store under the requested name
+    tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
+    remove_store(tmp)
+    StoreWriter.create(tmp, layout, sample_index, row_shapes, dtypes, request, provenance, codec=codec)
+    os.rename(tmp, out)
+    return False

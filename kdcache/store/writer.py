@@ -1,0 +1,339 @@
+"""Creating, filling, resuming and finishing a feature store.
+
+Work is done in *groups* (see :class:`~kdcache.store.format.Layout`): a group's per-atom rows are
+written as whole shards by one process, then a small marker file records that the group is in,
+with its per-sample energies and hashes. A run killed at any moment leaves at worst a group without
+a marker, which the next run redoes from scratch; the store is marked complete only by
+:meth:`StoreWriter.finalize`, after every group's marker is found.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+
+import kdcache
+from kdcache import keys as K
+from kdcache.errors import StoreError
+from kdcache.store import format as F
+
+PROGRESS_DIR = ".kdcache-progress"
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types (tuples -> lists, numpy/torch scalars -> numbers)."""
+
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if isinstance(o, (set, frozenset)):
+            return sorted(o)
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def _codec_objects(codec: str):
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        from zarr.codecs import ZstdCodec
+
+        return [ZstdCodec(level=3)]
+    if codec == "blosc-lz4":
+        from zarr.codecs import BloscCodec
+
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    raise StoreError(f"unknown codec {codec!r}; choose from {F.CODECS}")
+
+
+def _atomic_write_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StoreWriter:
+    """Writes one feature store.
+
+    Args:
+        path: the store folder (``*.zarr``).
+        root: the opened zarr group.
+    """
+
+    def __init__(self, path: str | os.PathLike, root: zarr.Group):
+        self.path = Path(path)
+        self.root = root
+        attrs = dict(root.attrs).get(F.ATTR)
+        if not attrs:
+            raise StoreError(f"{self.path}: not a kdcache feature store (no {F.ATTR!r} attribute)")
+        self.attrs = attrs
+        lay = attrs["layout"]
+        self.layout = F.Layout(
+            natoms=np.asarray(root[K.NATOMS][:], dtype=np.int64),
+            shard_atoms=int(lay["shard_atoms"]),
+            chunk_atoms=int(lay["chunk_atoms"]),
+            atom_start=np.asarray(root[F.ATOM_START][:], dtype=np.int64),
+            group_sample_start=np.asarray(lay["group_sample_start"], dtype=np.int64),
+            group_shard_start=np.asarray(lay["group_shard_start"], dtype=np.int64),
+        )
+        self.dtypes: dict[str, str] = dict(attrs["dtypes"])
+        self.per_atom_keys: tuple[str, ...] = tuple(attrs["per_atom_keys"])
+        self.progress = self.path / PROGRESS_DIR
+
+    # --- creation / resume ------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        layout: F.Layout,
+        sample_index: np.ndarray,
+        row_shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, str],
+        request: Mapping[str, Any],
+        provenance: Mapping[str, Any] | None = None,
+        codec: str = "none",
+    ) -> "StoreWriter":
+        """Make a new, empty (incomplete) store.
+
+        Args:
+            path: the store folder; must not exist.
+            layout: the packing of samples into shards.
+            sample_index: ``[S]`` dataset index of each stored sample.
+            row_shapes: per-atom key -> shape of one atom's row (``()`` for ``atom_energy``).
+            dtypes: key -> logical dtype (``float16``/``bfloat16``/``float32``/``float64``);
+                must include ``energy``.
+            request: everything that decides the stored values (teacher, weights, dataset,
+                features, dtypes, layout, batching); a resume must present the same.
+            provenance: extra descriptive attributes (teacher config, warnings, ...).
+            codec: ``none`` (default; required for the memory-mapped reader's fast path),
+                ``zstd`` or ``blosc-lz4``.
+        """
+        path = Path(path)
+        if path.exists():
+            raise StoreError(f"{path} already exists")
+        compressors = _codec_objects(codec)
+        root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        n = layout.num_samples
+        per_sample_chunk = max(1, min(n, 1 << 20))
+        for key, values, dt in (
+            (K.SAMPLE_INDEX, np.asarray(sample_index, dtype=np.int64), "int64"),
+            (K.NATOMS, layout.natoms, "int64"),
+            (F.ATOM_START, layout.atom_start, "int64"),
+        ):
+            arr = root.create_array(key, shape=(n,), chunks=(per_sample_chunk,), dtype=dt, compressors=None, fill_value=0)
+            if n:
+                arr[:] = values
+        # filled by finalize() from the groups' marker files
+        root.create_array(
+            K.ENERGY, shape=(n,), chunks=(per_sample_chunk,), dtype=F.storage_dtype(dtypes[K.ENERGY]),
+            compressors=None, fill_value=0,
+        )
+        root.create_array(F.SAMPLE_HASH, shape=(n,), chunks=(per_sample_chunk,), dtype="uint64", compressors=None, fill_value=0)
+
+        per_atom = tuple(k for k in F.PER_ATOM_KEYS if k in row_shapes)
+        for key in per_atom:
+            row = tuple(int(s) for s in row_shapes[key])
+            arr = root.create_array(
+                key,
+                shape=(layout.atom_axis, *row),
+                shards=(layout.shard_atoms, *row),
+                chunks=(layout.chunk_atoms, *row),
+                dtype=F.storage_dtype(dtypes[key]),
+                compressors=compressors,
+                fill_value=0,
+                # every inner chunk is written, even all-zero padding, so that an uncompressed
+                # shard file is exactly one C-order array plus its index (memory-mappable)
+                config={"write_empty_chunks": True},
+            )
+            arr.attrs["kdcache_dtype"] = dtypes[key]
+            if dtypes[key] == "bfloat16":
+                arr.attrs["encoding"] = "bfloat16 stored as its raw uint16 bits (the upper 16 bits of a float32)"
+            arr.attrs["unit"] = _unit(key)
+        attrs = {
+            "format": F.FORMAT_NAME,
+            "format_version": F.FORMAT_VERSION,
+            "kdcache_version": kdcache.__version__,
+            "created": _utcnow(),
+            "complete": False,
+            "complete_ranges": [],
+            "num_samples": n,
+            "per_atom_keys": list(per_atom),
+            "dtypes": {k: dtypes[k] for k in (*per_atom, K.ENERGY)},
+            "codec": codec,
+            "units": {K.ENERGY: "eV", K.ATOM_ENERGY: "eV", K.FORCES: "eV/Å", K.POSITIONS: "Å"},
+            "layout": {
+                "shard_atoms": layout.shard_atoms,
+                "chunk_atoms": layout.chunk_atoms,
+                "atom_axis": layout.atom_axis,
+                "num_groups": layout.num_groups,
+                "group_sample_start": layout.group_sample_start.tolist(),
+                "group_shard_start": layout.group_shard_start.tolist(),
+            },
+            "request": jsonable(request),
+            **jsonable(dict(provenance or {})),
+        }
+        root.attrs[F.ATTR] = attrs
+        (path / PROGRESS_DIR).mkdir(exist_ok=True)
+        return cls(path, root)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "StoreWriter":
+        path = Path(path)
+        try:
+            root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        except Exception as exc:  # zarr raises several types for "not a group"
+            raise StoreError(f"{path}: cannot open as a Zarr v3 store ({exc})") from exc
+        return cls(path, root)
+
+    def check_request(self, request: Mapping[str, Any]) -> None:
+        """Refuse to continue a store made with different settings (names the differing ones)."""
+        new = jsonable(request)
+        old = self.attrs.get("request", {})
+        if new == old:
+            return
+        diffs = [k for k in sorted(set(new) | set(old)) if new.get(k) != old.get(k)]
+        detail = "; ".join(f"{k}: store has {_short(old.get(k))}, this run {_short(new.get(k))}" for k in diffs)
+        raise StoreError(
+            f"{self.path} was made with different settings ({detail}). "
+            "Use the same command to resume it, or --overwrite to replace it."
+        )
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    # --- groups -----------------------------------------------------------------------------
+    def _marker(self, g: int) -> Path:
+        return self.progress / f"group-{g:08d}.npz"
+
+    def done_groups(self) -> set[int]:
+        if self.complete:
+            return set(range(self.layout.num_groups))
+        if not self.progress.is_dir():
+            return set()
+        done = set()
+        for p in self.progress.glob("group-*.npz"):
+            try:
+                done.add(int(p.stem.split("-")[1]))
+            except ValueError:
+                continue
+        return done
+
+    def write_group(self, g: int, rows: Mapping[str, np.ndarray], energy: np.ndarray, sample_hash: np.ndarray) -> None:
+        """Write group ``g``: ``rows[key]`` covers the group's whole shards (``group_atoms(g)``),
+        padding included, already in the storage dtype. Then record the group as done."""
+        lo, hi = self.layout.group_atoms(g)
+        samples = self.layout.group_samples(g)
+        for key in self.per_atom_keys:
+            block = rows[key]
+            if block.shape[0] != hi - lo:
+                raise StoreError(f"group {g}: {key} has {block.shape[0]} rows, expected {hi - lo}")
+            # whole shards: zarr writes them without reading. write_empty_chunks is a run-time
+            # setting (not stored), so it is asked for on every write: all-zero padding chunks
+            # must be written too, for the shard file to be one plain array
+            arr = self.root[key].with_config({"write_empty_chunks": True})
+            arr[lo:hi] = block
+        if len(energy) != len(samples) or len(sample_hash) != len(samples):
+            raise StoreError(f"group {g}: expected {len(samples)} energies and sample hashes")
+        _atomic_write_npz(
+            self._marker(g),
+            energy=np.asarray(energy, dtype=np.float64),
+            sample_hash=np.asarray(sample_hash, dtype=np.uint64),
+            first_sample=np.int64(samples.start),
+        )
+
+    def missing_groups(self) -> list[int]:
+        done = self.done_groups()
+        return [g for g in range(self.layout.num_groups) if g not in done]
+
+    def finalize(self, extra: Mapping[str, Any] | None = None) -> None:
+        """Collect per-sample values from the markers and mark the store complete. Raises
+        :class:`StoreError` (store stays incomplete) if any group is missing."""
+        if self.complete:
+            return
+        missing = self.missing_groups()
+        if missing:
+            raise StoreError(f"{self.path}: {len(missing)} of {self.layout.num_groups} groups not written yet (first: {missing[0]})")
+        n = self.layout.num_samples
+        energy = np.zeros(n, dtype=np.float64)
+        hashes = np.zeros(n, dtype=np.uint64)
+        for g in range(self.layout.num_groups):
+            s = self.layout.group_samples(g)
+            with np.load(self._marker(g)) as z:
+                if int(z["first_sample"]) != s.start or len(z["energy"]) != len(s):
+                    raise StoreError(f"{self.path}: progress marker of group {g} does not fit the layout")
+                energy[s.start : s.stop] = z["energy"]
+                hashes[s.start : s.stop] = z["sample_hash"]
+        if n:
+            self.root[K.ENERGY][:] = energy.astype(F.storage_dtype(self.dtypes[K.ENERGY]))
+            self.root[F.SAMPLE_HASH][:] = hashes
+        attrs = dict(self.attrs)
+        dataset = dict(attrs.get("dataset") or {})
+        dataset["num_stored"] = n
+        dataset["sample_hashes_sha256"] = sample_hashes_digest(hashes)
+        attrs["dataset"] = dataset
+        attrs.update(jsonable(dict(extra or {})))
+        attrs["complete_ranges"] = [[0, n]] if n else []
+        attrs["complete"] = True
+        attrs["finished"] = _utcnow()
+        self.root.attrs[F.ATTR] = attrs  # the one write that makes the store complete
+        self.attrs = attrs
+        shutil.rmtree(self.progress, ignore_errors=True)
+
+    def record_partial_ranges(self) -> None:
+        """Write the sample ranges that are in so far into the attributes (informational)."""
+        done = sorted(self.done_groups())
+        ranges: list[list[int]] = []
+        for g in done:
+            s = self.layout.group_samples(g)
+            if ranges and ranges[-1][1] == s.start:
+                ranges[-1][1] = s.stop
+            else:
+                ranges.append([s.start, s.stop])
+        attrs = dict(self.attrs)
+        attrs["complete_ranges"] = ranges
+        self.root.attrs[F.ATTR] = attrs
+        self.attrs = attrs
+
+
+def sample_hashes_digest(hashes: np.ndarray) -> str:
+    """SHA-256 over the little-endian uint64 sample hashes in store order."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(hashes, dtype="<u8").tobytes()).hexdigest()
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _unit(key: str) -> str:
+    return {K.ATOM_ENERGY: "eV", K.FORCES: "eV/Å"}.get(key, "teacher feature units (dimensionless)")
+
+
+def _short(v: Any, n: int = 80) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= n else s[: n - 3] + "..."

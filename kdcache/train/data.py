@@ -1,0 +1,239 @@
+"""Stage-two loading: structures from the dataset joined with teacher targets from the store.
+
+A batch is fetched as a whole (``__getitems__``): structures one by one from the dataset, the
+targets of all of them with ONE ``store.read(indices)`` (the store's sampler keeps those indices in
+a few chunks, so the read stays local). The join is by global dataset index and is checked
+(atom counts, and the structure hash when the store records it).
+
+Augmentation that moves atoms must move the targets with them: ``rotate`` turns positions, cell,
+forces and every vector target (``e2v``, ``vector``, stored forces) by the same rotation. The
+rotation of a sample depends only on (seed, epoch, sample index), so a resumed run sees the same
+rotations as an uninterrupted one, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdcache import keys as K
+from kdcache.errors import ConfigError, DataError
+
+#: stored targets ride in a batch under ``kd_<store key>`` (e.g. ``kd_e2v [N, 3, d]``)
+TARGET_PREFIX = "kd_"
+#: store keys that rotate with the structure (the last axis, if any, is channels)
+VECTOR_TARGETS = (K.E2V, K.VECTOR, K.FORCES)
+PER_SAMPLE_TARGETS = (K.ENERGY,)
+AUGMENTATIONS = ("rotate",)
+
+
+def target_key(store_key: str) -> str:
+    return TARGET_PREFIX + store_key
+
+
+def random_rotation(generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """A uniformly random proper rotation (3x3, det +1) drawn from ``generator``."""
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))[None, :]
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q.to(dtype)
+
+
+def rotate_sample(data, rot: torch.Tensor, target_keys: Sequence[str] = ()) -> None:
+    """Rotate a sample in place: ``x -> x @ R^T`` for positions, cell rows, forces, vector targets."""
+    data[K.POSITIONS] = data[K.POSITIONS] @ rot.to(data[K.POSITIONS].dtype).T
+    if getattr(data, K.CELL, None) is not None:
+        data[K.CELL] = data[K.CELL] @ rot.to(data[K.CELL].dtype).T
+    if getattr(data, K.FORCES, None) is not None:
+        data[K.FORCES] = data[K.FORCES] @ rot.to(data[K.FORCES].dtype).T
+    for key in target_keys:
+        if key not in VECTOR_TARGETS:
+            continue
+        t = data[target_key(key)]
+        r = rot.to(t.dtype)
+        data[target_key(key)] = torch.einsum("ij,aj...->ai...", r, t)
+
+
+def _seed_of(*parts: int) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class JoinedDataset(Dataset):
+    """Structures of ``dataset`` with the targets of ``store`` attached under ``kd_<key>``.
+
+    Args:
+        dataset: a kdcache dataset (items are ``Data`` with ``sample_index``).
+        store: a :class:`kdcache.store.FeatureStore` (or anything with ``read(indices)``), or None.
+        store_keys: store keys to attach (per-atom ones and per-sample ``energy``).
+        augment: augmentations (``rotate`` only; others are refused).
+        seed: seed of the augmentation randomness.
+        check_hash: compare the store's ``sample_hash`` with the structure's when available.
+    """
+
+    def __init__(self, dataset, store=None, store_keys: Sequence[str] = (), augment: Sequence[str] = (),
+                 seed: int = 0, check_hash: bool = True):
+        bad = [a for a in augment if a not in AUGMENTATIONS]
+        if bad:
+            raise ConfigError(
+                f"augmentation {bad} cannot be applied: stored targets live in the frame of the stored "
+                f"structure and only {list(AUGMENTATIONS)} can be carried over to them"
+            )
+        self.dataset, self.store = dataset, store
+        self.store_keys = tuple(store_keys)
+        self.augment = tuple(augment)
+        self.seed, self.epoch = int(seed), 0
+        self.check_hash = check_hash
+        self._hash_fn = None
+        if store is not None and check_hash:
+            try:
+                from kdcache.data import sample_hash
+            except ImportError:
+                from kdcache.data.sample import sample_hash
+            self._hash_fn = sample_hash
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def _where(self) -> str:
+        return str(getattr(self.dataset, "path", type(self.dataset).__name__))
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        samples = [self.dataset[int(i)] for i in indices]
+        if self.store is not None and self.store_keys:
+            self._attach(samples, [int(i) for i in indices])
+        if "rotate" in self.augment:
+            for i, s in zip(indices, samples):
+                gen = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch, int(i)))
+                rotate_sample(s, random_rotation(gen), self.store_keys)
+        return samples
+
+    def _attach(self, samples: list, indices: list[int]) -> None:
+        glob = [int(s[K.SAMPLE_INDEX].reshape(-1)[0]) if getattr(s, K.SAMPLE_INDEX, None) is not None else i
+                for s, i in zip(samples, indices)]
+        per_atom = [k for k in self.store_keys if k not in PER_SAMPLE_TARGETS]
+        got = self.store.read(glob, keys=per_atom)
+        natoms = [int(s[K.POSITIONS].shape[0]) for s in samples]
+        if K.NATOMS in got:
+            stored = [int(n) for n in got[K.NATOMS].tolist()]
+            for g, n, m in zip(glob, natoms, stored):
+                if n != m:
+                    raise DataError(self._where(), g, K.NATOMS,
+                                    f"structure has {n} atoms but the store holds targets for {m}; "
+                                    "the store was made from another dataset")
+        if self._hash_fn is not None and "sample_hash" in got:
+            for s, g, h in zip(samples, glob, got["sample_hash"].tolist()):
+                mine = int(self._hash_fn(s))
+                if mine >= 1 << 63:  # the store keeps uint64 hashes as int64
+                    mine -= 1 << 64
+                if mine != int(h):
+                    raise DataError(self._where(), g, K.POSITIONS,
+                                    "structure differs from the one the store's targets were computed on")
+        for key in self.store_keys:
+            if key not in got:
+                raise DataError(getattr(self.store, "path", "store"), None, key, "target missing from the store")
+            value = got[key]
+            if key in PER_SAMPLE_TARGETS:
+                for j, s in enumerate(samples):
+                    s[target_key(key)] = value[j : j + 1]
+                continue
+            if value.shape[0] != sum(natoms):
+                raise DataError(getattr(self.store, "path", "store"), glob[0], key,
+                                f"{value.shape[0]} target rows for {sum(natoms)} atoms")
+            for s, part in zip(samples, torch.split(value, natoms)):
+                s[target_key(key)] = part
+
+
+class SequentialBatches:
+    """Fallback batch sampler (no store module yet): the store sampler's interface, no locality.
+
+    Args:
+        num_samples, batch_size, shuffle, seed, drop_last, rank, world_size: as LocalBatchSampler.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, **_):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        order = list(range(self.num_samples))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        step = self.batch_size * self.world_size
+        out = []
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            if len(chunk) < step and (self.drop_last or self.world_size > 1):
+                break
+            out.append(chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
+        return [b for b in out if b]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def make_batch_sampler(num_samples: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0,
+                       world_size: int = 1, window: int | None = None, drop_last: bool = False):
+    """The store's :class:`LocalBatchSampler` (reads stay local), or a plain fallback."""
+    try:
+        from kdcache.store import LocalBatchSampler
+    except ImportError:
+        LocalBatchSampler = None
+    if LocalBatchSampler is None:
+        return SequentialBatches(num_samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                 rank=rank, world_size=world_size)
+    kwargs = dict(shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
+    if window:
+        kwargs["window"] = window
+    return LocalBatchSampler(num_samples, batch_size, **kwargs)
+
+
+class SkipBatches:
+    """Yield a batch sampler's index lists from number ``skip`` on (resume mid-epoch).
+
+    Skipping happens on index lists only, so no sample is loaded for the skipped batches.
+    """
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, int(skip)
+
+    def __iter__(self):
+        for i, b in enumerate(self.sampler):
+            if i >= self.skip:
+                yield list(b)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def collate(samples: list):
+    from torch_geometric.data import Batch
+
+    return Batch.from_data_list(samples)
+
+
+def make_loader(dataset: Dataset, batch_sampler, num_workers: int = 0, pin_memory: bool = False,
+                seed: int = 0) -> DataLoader:
+    # A private generator: creating the iterator must not draw from the global RNG (exact resume).
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=gen)

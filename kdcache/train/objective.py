@@ -1,0 +1,130 @@
+"""The training objective: student + student maps, labels loss plus weighted distillation terms.
+
+L = a_E·MAE(E) + a_F·L2MAE(F) + Σ_k λ_k·L_k, all in the student's normalised units (energies
+``(E - mean)/std``, forces ``F/std``), as in the reference training. Teacher energies, forces and
+per-atom energies are stored in physical units and go through the *same* normaliser.
+
+Everything that has parameters (student and maps) sits in one module whose ``forward`` returns
+the losses, so DDP wraps a single module and EMA tracks a single parameter list.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdcache import keys as K
+from kdcache.errors import ConfigError
+from kdcache.train.data import target_key
+from kdcache.train.strategies import (
+    Term,
+    build_map,
+    energy_mae,
+    feature_loss_fn,
+    force_l2mae,
+    free_atom_mask,
+)
+
+
+class DistillationObjective(nn.Module):
+    """Student plus maps; ``forward(batch)`` returns ``{"loss", "energy", "forces", <strategy>...}``.
+
+    Args:
+        student: a :class:`kdcache.models.base.PotentialModel`.
+        terms: the run's weighted strategies.
+        store_keys: strategy name -> store key(s) it reads (from ``resolve_store_keys``).
+        maps: strategy name -> student map (feature strategies only).
+        feature_loss: ``mse``, ``mae`` or ``huber``.
+        energy_coef: a_E.
+        force_coef: a_F.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        terms: list[Term],
+        store_keys: dict[str, tuple[str, ...]],
+        maps: dict[str, nn.Module] | None = None,
+        feature_loss: str = "mse",
+        energy_coef: float = 1.0,
+        force_coef: float = 100.0,
+    ):
+        super().__init__()
+        self.student = student
+        self.terms = list(terms)
+        self.store_keys = dict(store_keys)
+        self.maps = nn.ModuleDict(maps or {})
+        self.feature_loss = feature_loss_fn(feature_loss)
+        self.energy_coef = float(energy_coef)
+        self.force_coef = float(force_coef)
+        self.features = tuple(sorted({t.spec.student_feature for t in self.terms if t.spec.student_feature}))
+
+    # --- pieces ---------------------------------------------------------------------------
+    def term_loss(self, term: Term, out: dict, batch, free: torch.Tensor | None) -> torch.Tensor:
+        spec, norm = term.spec, self.student.normalizer
+        if spec.kind in ("scalar", "vector"):
+            target = batch[target_key(self.store_keys[term.name][0])]
+            mapped = self.maps[term.name](out[spec.student_feature])
+            return self.feature_loss(mapped, target.to(mapped.dtype))
+        if spec.kind == "labels":  # vanilla1: teacher energy and forces as extra labels
+            e_t = norm.norm_energy(batch[target_key(K.ENERGY)].to(out[K.ENERGY].dtype))
+            f_t = norm.norm_forces(batch[target_key(K.FORCES)].to(out[K.FORCES].dtype))
+            return self.energy_coef * energy_mae(out[K.ENERGY], e_t) + self.force_coef * force_l2mae(
+                out[K.FORCES], f_t, free
+            )
+        if spec.kind == "atom_energy":  # vanilla2: per-atom energies, normalised like the sum
+            pred = out[K.ATOM_ENERGY]
+            ae = batch[target_key(K.ATOM_ENERGY)].to(pred.dtype)
+            per_atom_n = batch[K.NATOMS][batch[K.BATCH]].to(pred.dtype)
+            ae_norm = (ae - norm.energy_mean.to(pred.dtype) / per_atom_n) / norm.energy_std.to(pred.dtype)
+            return torch.mean((pred - ae_norm) ** 2)
+        raise ConfigError(f"strategy {term.name!r}: unknown kind {spec.kind!r}")  # pragma: no cover
+
+    def label_losses(self, out: dict, batch, free: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        norm = self.student.normalizer
+        e_t = norm.norm_energy(batch[K.ENERGY].to(out[K.ENERGY].dtype))
+        f_t = norm.norm_forces(batch[K.FORCES].to(out[K.FORCES].dtype))
+        return {K.ENERGY: energy_mae(out[K.ENERGY], e_t), K.FORCES: force_l2mae(out[K.FORCES], f_t, free)}
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        out = self.student(batch, features=self.features)
+        free = free_atom_mask(batch)
+        parts = self.label_losses(out, batch, free)
+        loss = self.energy_coef * parts[K.ENERGY] + self.force_coef * parts[K.FORCES]
+        for term in self.terms:
+            value = self.term_loss(term, out, batch, free)
+            parts[term.name] = value
+            loss = loss + term.weight * value
+        parts["loss"] = loss
+        return parts
+
+
+def feature_widths(student: nn.Module, batch, terms: list[Term], store_keys: dict) -> dict[str, tuple[int, int]]:
+    """(student width, teacher width) of each feature strategy, from one forward on ``batch``."""
+    feats = tuple(sorted({t.spec.student_feature for t in terms if t.spec.student_feature}))
+    if not feats:
+        return {}
+    with torch.enable_grad():  # gradient-force students need autograd even here
+        out = student(batch, features=feats)
+    widths = {}
+    for t in terms:
+        if t.spec.student_feature is None:
+            continue
+        s = out[t.spec.student_feature]
+        tgt = batch[target_key(store_keys[t.name][0])]
+        if t.spec.kind == "vector" and (tgt.dim() != 3 or tgt.shape[1] != 3):
+            raise ConfigError(f"strategy {t.name!r}: stored target has shape {tuple(tgt.shape)}, expected [atoms, 3, d]")
+        if tgt.shape[0] != s.shape[0]:
+            raise ConfigError(
+                f"strategy {t.name!r}: {tgt.shape[0]} stored target rows for {s.shape[0]} atoms in a batch"
+            )
+        widths[t.name] = (int(s.shape[-1]), int(tgt.shape[-1]))
+    return widths
+
+
+def build_maps(terms: list[Term], widths: dict[str, tuple[int, int]], map_name: str) -> dict[str, nn.Module]:
+    return {
+        t.name: build_map(t.spec.kind, map_name, *widths[t.name], term=t.name)
+        for t in terms
+        if t.spec.kind in ("scalar", "vector")
+    }

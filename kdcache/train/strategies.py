@@ -1,0 +1,255 @@
+"""Distillation strategies: which student output meets which stored teacher target, and how.
+
+Every strategy lives here, in one table (:data:`STRATEGIES`), so adding one is one entry plus (for
+a new kind of target) one loss function. A run may combine strategies with weights
+(``"n2n:100,v2v:10"``); ``none`` is the plain baseline without distillation.
+
+Feature strategies compare ``M_s(H_s)`` with ``H_t``: a learned map ``M_s`` takes the student's
+features to the teacher's width. For vector targets (``[N, 3, d]``) the map is linear, bias-free,
+and mixes channels only, so it commutes with rotations and the loss is rotation invariant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcache import keys as K
+from kdcache.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What one strategy needs.
+
+    Args:
+        name: strategy name.
+        kind: ``"scalar"`` / ``"vector"`` feature matching, or ``"labels"`` / ``"atom_energy"``.
+        student_feature: the key the student's forward must hand out (None: labels only).
+        store_keys: candidate store keys in order of preference (the first present is used);
+            ``vanilla1`` needs every one of them.
+        needs_all: True when every store key is needed (not one of them).
+    """
+
+    name: str
+    kind: str
+    student_feature: str | None
+    store_keys: tuple[str, ...]
+    needs_all: bool = False
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "n2n": StrategySpec("n2n", "scalar", K.NODE, (K.NODE,)),
+    "e2n": StrategySpec("e2n", "scalar", K.NODE, (K.E2N,)),
+    # PaiNN teachers store their own vector features; edge-feature teachers store e2v.
+    "v2v": StrategySpec("v2v", "vector", K.VECTOR, (K.VECTOR, K.E2V)),
+    "vanilla1": StrategySpec("vanilla1", "labels", None, (K.ENERGY, K.FORCES), needs_all=True),
+    "vanilla2": StrategySpec("vanilla2", "atom_energy", None, (K.ATOM_ENERGY,)),
+}
+STRATEGY_NAMES = ("none",) + tuple(STRATEGIES)
+FEATURE_LOSSES = ("mse", "mae", "huber")
+STUDENT_MAPS = ("linear", "identity", "mlp")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted strategy of a run (``name`` in :data:`STRATEGIES`)."""
+
+    name: str
+    weight: float
+
+    @property
+    def spec(self) -> StrategySpec:
+        return STRATEGIES[self.name]
+
+
+def _one_term(item, default_weight: float) -> Term | None:
+    if isinstance(item, Mapping):
+        if set(item) >= {"name"}:
+            name, weight = item["name"], item.get("weight", default_weight)
+        elif len(item) == 1:
+            ((name, weight),) = item.items()
+        else:
+            raise ConfigError(f"strategy entry {dict(item)!r}: expected {{name: ..., weight: ...}} or {{name: weight}}")
+    else:
+        text = str(item).strip()
+        name, _, weight = text.partition(":")
+        weight = weight if weight else default_weight
+    name = str(name).strip().lower()
+    if name not in STRATEGY_NAMES:
+        raise ConfigError(f"unknown strategy {name!r}; known: {', '.join(STRATEGY_NAMES)}")
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        raise ConfigError(f"strategy {name!r}: weight {weight!r} is not a number") from None
+    if name == "none":
+        return None
+    if weight < 0:
+        raise ConfigError(f"strategy {name!r}: weight {weight} is negative")
+    return Term(name, weight)
+
+
+def parse_strategy(spec, default_weight: float = 1.0) -> list[Term]:
+    """Parse ``"v2v"``, ``"n2n:100,v2v:10"``, a YAML list of such strings or of
+    ``{name: weight}`` / ``{name:, weight:}`` mappings. ``none`` (or empty) gives ``[]``.
+
+    Args:
+        spec: the strategy as given by the user.
+        default_weight: weight of a strategy named without one (``--lambda``).
+    """
+    if spec is None:
+        return []
+    items: Iterable = spec.split(",") if isinstance(spec, str) else (spec if isinstance(spec, (list, tuple)) else [spec])
+    terms: list[Term] = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        term = _one_term(item, default_weight)
+        if term is None:
+            continue
+        if any(t.name == term.name for t in terms):
+            raise ConfigError(f"strategy {term.name!r} given twice")
+        terms.append(term)
+    return terms
+
+
+def format_strategy(terms: list[Term]) -> str:
+    return ",".join(f"{t.name}:{t.weight:g}" for t in terms) or "none"
+
+
+# --- which store key serves a strategy -------------------------------------------------------
+def resolve_store_keys(
+    terms: list[Term],
+    store_keys: Iterable[str] | None,
+    teacher_name: str | None = None,
+    store_path: str = "the store",
+) -> dict[str, tuple[str, ...]]:
+    """Map each strategy to the store key(s) it reads; refuse what the store cannot serve.
+
+    Raises:
+        ConfigError: a strategy needs a target the store does not hold (or there is no store).
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    if not terms:
+        return out
+    if store_keys is None:
+        raise ConfigError(f"strategy {format_strategy(terms)} needs a feature store (--store)")
+    have = set(store_keys)
+    for term in terms:
+        spec = term.spec
+        if spec.needs_all:
+            missing = [k for k in spec.store_keys if k not in have]
+            if missing:
+                raise ConfigError(
+                    f"strategy {term.name!r} needs stored teacher {missing} but {store_path} holds "
+                    f"{sorted(have)}; re-extract with those targets"
+                )
+            out[term.name] = spec.store_keys
+            continue
+        candidates = list(spec.store_keys)
+        if term.name == "v2v" and teacher_name and "painn" not in str(teacher_name).lower():
+            candidates = [K.E2V, K.VECTOR]
+        found = [k for k in candidates if k in have]
+        if not found:
+            teacher = f" (teacher {teacher_name})" if teacher_name else ""
+            raise ConfigError(
+                f"strategy {term.name!r} needs stored teacher {' or '.join(spec.store_keys)} but "
+                f"{store_path}{teacher} holds {sorted(have)}"
+            )
+        out[term.name] = (found[0],)
+    return out
+
+
+def check_student(terms: list[Term], student) -> None:
+    """Refuse strategies whose student feature the student architecture lacks."""
+    offered = tuple(getattr(student, "available_features", ()))
+    for term in terms:
+        feat = term.spec.student_feature
+        if feat is not None and feat not in offered:
+            raise ConfigError(
+                f"strategy {term.name!r} needs student feature {feat!r}, but student "
+                f"{getattr(student, 'name', type(student).__name__)!r} offers {list(offered)}"
+            )
+
+
+# --- student maps ---------------------------------------------------------------------------
+class VectorLinear(nn.Module):
+    """Bias-free channel mixing of ``[N, 3, d_in] -> [N, 3, d_out]``: commutes with rotations.
+
+    Args:
+        d_in: student channels.
+        d_out: teacher channels.
+    """
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)  # acts on the last (channel) axis only
+
+
+def build_map(kind: str, name: str, d_student: int, d_teacher: int, term: str = "") -> nn.Module:
+    """A student map ``M_s`` for one feature strategy.
+
+    Args:
+        kind: ``"scalar"`` or ``"vector"``.
+        name: ``linear`` (default), ``identity`` or ``mlp`` (scalar targets only).
+        d_student: student feature width.
+        d_teacher: teacher feature width.
+        term: strategy name (for messages).
+    """
+    if name not in STUDENT_MAPS:
+        raise ConfigError(f"unknown student map {name!r}; known: {', '.join(STUDENT_MAPS)}")
+    if name == "identity":
+        if d_student != d_teacher:
+            raise ConfigError(
+                f"strategy {term!r}: student map 'identity' needs equal widths, but the student has "
+                f"{d_student} channels and the teacher {d_teacher}; use --student-map linear"
+            )
+        return nn.Identity()
+    if kind == "vector":
+        if name == "mlp":
+            # a nonlinearity on vector components would break rotation equivariance
+            raise ConfigError(f"strategy {term!r}: student map 'mlp' works on scalar features only; use linear")
+        return VectorLinear(d_student, d_teacher)
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(d_student, d_student), nn.SiLU(), nn.Linear(d_student, d_teacher))
+    return nn.Linear(d_student, d_teacher)
+
+
+# --- losses ---------------------------------------------------------------------------------
+def feature_loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name == "mse":
+        return F.mse_loss
+    if name == "mae":
+        return F.l1_loss
+    if name == "huber":
+        return F.huber_loss
+    raise ConfigError(f"unknown feature loss {name!r}; known: {', '.join(FEATURE_LOSSES)}")
+
+
+def energy_mae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).abs().mean()
+
+
+def force_l2mae(pred: torch.Tensor, target: torch.Tensor, free: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over (free) atoms of the L2 norm of the per-atom force error (the reference 'l2mae')."""
+    err = torch.linalg.vector_norm(pred - target, dim=-1)
+    if free is not None:
+        err = err[free]
+    if err.numel() == 0:
+        return pred.sum() * 0.0
+    return err.mean()
+
+
+def free_atom_mask(batch) -> torch.Tensor | None:
+    """Atoms that carry a force loss: all but those the data mark fixed (None: all atoms)."""
+    fixed = batch.get(K.FIXED) if hasattr(batch, "get") else getattr(batch, K.FIXED, None)
+    if fixed is None:
+        return None
+    return ~fixed.bool()

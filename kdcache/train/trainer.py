@@ -1,0 +1,433 @@
+"""The stage-two trainer: student + stored targets, AdamW(AMSGrad), schedules, EMA, exact resume, DDP.
+
+The teacher is never built, imported or read here: targets come from the store only.
+
+Exact resume: ``last.pt`` holds the weights, optimiser, schedule, EMA, the position in the data
+order (epoch and batches done in it), the best validation loss and the RNG states. The order of
+batches and the augmentation depend only on (seed, epoch, index), so re-running the same command
+replays exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcache import keys as K
+from kdcache.errors import ConfigError, StoreError
+from kdcache.train import distributed as D
+from kdcache.train.config import TrainConfig
+from kdcache.train.data import JoinedDataset, SkipBatches, make_batch_sampler, make_loader
+from kdcache.train.ema import EMA
+from kdcache.train.objective import DistillationObjective, build_maps, feature_widths
+from kdcache.train.schedule import LRSchedule
+from kdcache.train.strategies import check_student, resolve_store_keys
+
+LAST, BEST = "last.pt", "best.pt"
+CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.csv"
+NORMALIZER_MAX_SAMPLES = 20000
+
+
+def build_student(name: str, overrides: dict | None = None) -> nn.Module:
+    """A student from a preset name (``painn-tiny``) or a model registry name (``painn``)."""
+    overrides = dict(overrides or {})
+    try:
+        from kdcache.models.presets import build_preset
+    except ImportError:
+        build_preset = None
+    if build_preset is not None:
+        try:
+            return build_preset(name, **overrides)
+        except (KeyError, ValueError) as exc:
+            preset_error = exc
+    else:
+        preset_error = None
+    from kdcache.models import MODEL_CLASSES, build_model
+
+    if name.lower().replace("-", "_") in MODEL_CLASSES:
+        return build_model(name, **overrides)
+    raise ConfigError(f"unknown student {name!r}: {preset_error or 'no such preset or model'}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's state as plain data (checkpoints are loaded with weights_only=True)
+    numpy_state = [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def label_statistics(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Mean and std of the training energies (a seeded subset for very large sets)."""
+    n = len(dataset)
+    idx = range(n)
+    if n > max_samples:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].tolist()
+    energies = torch.tensor([float(dataset[int(i)][K.ENERGY].reshape(-1)[0]) for i in idx], dtype=torch.float64)
+    std = float(energies.std()) if energies.numel() > 1 else 1.0
+    return float(energies.mean()), (std if std > 0 else 1.0)
+
+
+def save_model_checkpoint(path: Path, student: nn.Module, trainer_state: dict | None = None) -> None:
+    """Write a kdcache checkpoint of ``student`` (its current weights) with ``trainer_state`` in
+    its ``extra`` (plain data only: the file is read back with ``weights_only=True``)."""
+    from kdcache.models.checkpoint import save_checkpoint
+
+    save_checkpoint(path, student, extra={"trainer_state": trainer_state} if trainer_state is not None else None)
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file
+        raise ConfigError(f"{path}: cannot be read to resume ({exc}); remove it or choose another --out") from exc
+    state = (ckpt.get("extra") or {}).get("trainer_state") if isinstance(ckpt, dict) else None
+    if not state:
+        raise ConfigError(f"{path} has no trainer state; it cannot be resumed (use another --out)")
+    return state
+
+
+class Trainer:
+    """Train a student with the configured strategies.
+
+    Args:
+        config: the run configuration.
+        train_dataset: the training dataset (default: ``open_dataset(config.data)``).
+        val_dataset: validation dataset (default: ``open_dataset(config.val)`` when set).
+        store: feature store (default: ``FeatureStore.open(config.store, dataset=train)`` when set).
+    """
+
+    def __init__(self, config: TrainConfig, train_dataset=None, val_dataset=None, store=None):
+        self.cfg = config
+        self.device = D.pick_device(config.device)
+        self.rank, self.world = D.setup(self.device)
+        self.is_main = self.rank == 0
+        self.out = Path(config.out)
+        self.terms = config.terms
+        self.train_dataset = train_dataset if train_dataset is not None else self._open_dataset(config.data, "data")
+        self.val_dataset = val_dataset if val_dataset is not None else (
+            self._open_dataset(config.val, "val") if config.val else None)
+        self.store = store if store is not None else self._open_store()
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best = math.inf
+        self._setup_model()
+
+    # --- inputs ---------------------------------------------------------------------------
+    @staticmethod
+    def _open_dataset(path, what):
+        if not path:
+            raise ConfigError(f"no {what} dataset given (--{what})")
+        from kdcache.data import open_dataset
+
+        return open_dataset(path)
+
+    def _open_store(self):
+        if not self.terms:
+            return None  # the baseline reads no store, even when one is named
+        if not self.cfg.store:
+            raise ConfigError(f"strategy {self.cfg.to_dict()['strategy']} needs a feature store (--store)")
+        from kdcache.store import FeatureStore
+
+        try:
+            return FeatureStore.open(self.cfg.store, dataset=self.train_dataset, require_complete=True)
+        except StoreError as exc:
+            raise ConfigError(f"store {self.cfg.store} cannot be used for training on {self.cfg.data}: {exc}") from exc
+
+    # --- model ----------------------------------------------------------------------------
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        student = build_student(cfg.student, cfg.student_overrides)
+        check_student(self.terms, student)
+        teacher = None
+        if self.store is not None:
+            teacher = (getattr(self.store, "provenance", {}) or {}).get("teacher", {})
+            teacher = teacher.get("name") if isinstance(teacher, dict) else teacher
+        self.store_keys = resolve_store_keys(
+            self.terms, getattr(self.store, "feature_keys", None) if self.store is not None else None,
+            teacher_name=teacher, store_path=str(cfg.store or "the store"))
+        needed = sorted({k for keys in self.store_keys.values() for k in keys})
+        self.train_joined = JoinedDataset(self.train_dataset, self.store, needed, cfg.augment, seed=cfg.seed)
+        if not cfg.normalize_labels:
+            mean, std = 0.0, 1.0
+        elif cfg.energy_mean is not None and cfg.energy_std is not None:
+            mean, std = float(cfg.energy_mean), float(cfg.energy_std)
+        else:
+            mean, std = label_statistics(self.train_dataset, seed=cfg.seed)
+        student.normalizer.energy_mean.fill_(mean)
+        student.normalizer.energy_std.fill_(std)
+        student.normalizer.forces_std.fill_(std)
+        student.to(self.device)
+        maps = {}
+        if any(t.spec.student_feature for t in self.terms):
+            probe = self.train_joined.__getitems__(list(range(min(2, len(self.train_joined)))))
+            from kdcache.train.data import collate
+
+            widths = feature_widths(student, collate(probe).to(self.device), self.terms, self.store_keys)
+            maps = build_maps(self.terms, widths, cfg.student_map)
+        self.objective = DistillationObjective(student, self.terms, self.store_keys, maps, cfg.feature_loss,
+                                               cfg.energy_coef, cfg.force_coef).to(self.device)
+        self.student = student
+        self.model = self.objective
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
+        self.schedule = LRSchedule(self.optimizer, cfg.scheduler, cfg.lr, cfg.warmup_steps, cfg.warmup_factor,
+                                   cfg.lr_milestones, cfg.lr_gamma, cfg.decay_steps, cfg.decay_rate,
+                                   cfg.plateau_patience, cfg.plateau_factor)
+        self.ema = EMA(self.objective, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.sampler = make_batch_sampler(len(self.train_joined), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                          rank=self.rank, world_size=self.world, window=cfg.window,
+                                          drop_last=self.world > 1)
+        per_epoch = len(self.sampler)
+        if per_epoch == 0:
+            raise ConfigError(f"no full batch of {cfg.batch_size} per process in {len(self.train_joined)} samples")
+        self.steps_per_epoch = per_epoch
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 1) * per_epoch
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "best": self.best,
+            "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "rng": rng_state(), "config": self.cfg.to_dict(), "world_size": self.world,
+            "strategy": {t.name: t.weight for t in self.terms}, "store_keys": self.store_keys,
+        }
+
+    def _averaged(self):
+        return self.ema.average_parameters() if self.ema else _nullcontext()
+
+    def save(self, best: bool = False) -> None:
+        if not self.is_main:
+            return
+        state = self.trainer_state()
+        with self._averaged():  # the model weights of a checkpoint are the EMA weights
+            save_model_checkpoint(self.out / LAST, self.student, state)
+            if best:
+                save_model_checkpoint(self.out / BEST, self.student, state)
+
+    def resume(self) -> bool:
+        path = self.out / LAST
+        if not path.exists():
+            return False
+        state = read_trainer_state(path)
+        diff = self.cfg.differences(state.get("config", {}))
+        if diff:
+            raise ConfigError(
+                f"{self.out} holds a run with other settings ({', '.join(diff)}); resume with the same "
+                "settings or choose another --out")
+        if state.get("world_size", 1) != self.world:
+            raise ConfigError(f"{path} was written by {state.get('world_size')} processes, this run has {self.world}")
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch, self.best = int(state["batch_in_epoch"]), float(state["best"])
+        set_rng_state(state["rng"])
+        return True
+
+    # --- validation & logs -----------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        from kdcache.evaluate import evaluate_model
+        from kdcache.train.data import collate
+
+        if self.val_dataset is None:
+            return {}
+        result: dict = {}
+        if self.is_main:
+            loader = torch.utils.data.DataLoader(self.val_dataset, batch_size=self.cfg.val_batch_size or self.cfg.batch_size,
+                                                 shuffle=False, collate_fn=collate, num_workers=self.cfg.num_workers)
+            with self._averaged():
+                result = evaluate_model(self.student, loader, self.device).result()
+            std = float(self.student.normalizer.energy_std)
+            result["loss"] = (self.cfg.energy_coef * result["energy_mae"] + self.cfg.force_coef * result["force_l2mae"]) / (1000.0 * std)
+        result = D.broadcast_object(result)
+        self.schedule.on_validation(result["loss"])
+        return result
+
+    def _metrics_columns(self) -> list[str]:
+        cols = ["step", "epoch", "lr", "train_loss", "train_energy", "train_forces"]
+        cols += [f"train_{t.name}" for t in self.terms]
+        cols += ["val_loss", "val_energy_mae", "val_force_mae", "val_force_cos", "val_efwt", "elapsed_s"]
+        return cols
+
+    def _trim_metrics(self) -> None:
+        """Drop rows written after the checkpoint we resume from (they will be written again)."""
+        path = self.out / METRICS_FILE
+        if not (self.is_main and path.exists()):
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._metrics_columns())
+            w.writeheader()
+            for r in rows:
+                if int(r["step"]) <= self.step:
+                    w.writerow(r)
+
+    def log(self, train: dict[str, float], val: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+               "elapsed_s": round(time.perf_counter() - self._t0, 3)}
+        row.update({f"train_{k}": v for k, v in train.items()})
+        row.update({f"val_{k}": val[k] for k in ("loss", "energy_mae", "force_mae", "force_cos", "efwt") if k in val})
+        path = self.out / METRICS_FILE
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._metrics_columns(), extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch"):
+                    self._tb.add_scalar(k.replace("_", "/", 1), v, self.step)
+
+    # --- the loop --------------------------------------------------------------------------
+    def _checkpoint_point(self, force_validate: bool = False) -> None:
+        train = {k: v / max(self._n, 1) for k, v in self._sums.items()}
+        self._sums, self._n = {}, 0
+        val = self.validate()
+        better = bool(val) and val["loss"] < self.best
+        if better:
+            self.best = val["loss"]
+        self.log(train, val)
+        self.save(best=better)
+        D.barrier()
+
+    def train_step(self, batch) -> dict[str, float]:
+        batch = batch.to(self.device, non_blocking=True)
+        parts = self.model(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if self.cfg.clip_grad and self.cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.clip_grad)
+        self.optimizer.step()
+        self.schedule.step()
+        if self.ema:
+            self.ema.update()
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+    def fit(self, stop_after_steps: int | None = None) -> dict:
+        """Train to ``total_steps`` (resuming from ``last.pt`` when there is one).
+
+        Args:
+            stop_after_steps: stop (as if killed, without saving) after this many steps of this
+                call; for tests of resumption.
+        """
+        cfg = self.cfg
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        resumed = self.resume()
+        if self.is_main:
+            cfg.save(self.out / CONFIG_FILE)
+            if resumed:
+                self._trim_metrics()
+        self._tb = None
+        if self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                self._tb = None
+        self._t0 = time.perf_counter()
+        self._sums, self._n = {}, 0
+        done_here = 0
+        bar = None
+        if self.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        self.objective.train()
+        last_saved = self.step if resumed else -1
+        try:
+            while self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch)
+                self.train_joined.set_epoch(self.epoch)
+                loader = make_loader(self.train_joined, SkipBatches(self.sampler, self.batch_in_epoch),
+                                     num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                                     seed=cfg.seed + self.epoch)
+                finished_epoch = True
+                for batch in loader:
+                    parts = self.train_step(batch)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    done_here += 1
+                    for k, v in parts.items():
+                        self._sums[k] = self._sums.get(k, 0.0) + v
+                    self._n += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{parts['loss']:.4g}", epoch=self.epoch)
+                    if stop_after_steps is not None and done_here >= stop_after_steps:
+                        return {"stopped": True, "step": self.step}
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._checkpoint_point()
+                        last_saved = self.step
+                    elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                        last_saved = self.step
+                    if self.step >= self.total_steps:
+                        finished_epoch = self.batch_in_epoch >= self.steps_per_epoch
+                        break
+                if finished_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+            if last_saved != self.step:
+                self._checkpoint_point()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._tb is not None:
+                self._tb.close()
+        return {"stopped": False, "step": self.step, "best": self.best}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(config: TrainConfig, **datasets) -> dict:
+    """Build a :class:`Trainer` and run it (``kdcache train``)."""
+    trainer = Trainer(config, **datasets)
+    try:
+        return trainer.fit()
+    finally:
+        D.cleanup()
