@@ -36,8 +36,7 @@ def info(
 ):
     """Print what a dataset holds: samples, atoms, elements, energy and force statistics, periodicity.
 
-    Reads every sample once (and so also checks them all): a bad sample stops with an error
-    naming the file, the sample index and the field.
+    Reads every sample once (and so checks them all): a bad sample stops with an error naming the file, the sample index and the field.
     """
     from kdcache.data import dataset_statistics, open_dataset
 
@@ -73,7 +72,7 @@ def convert(
 ):
     """Convert a dataset into one OC20-format LMDB (keeps sid, fid, tags and fixed atoms).
 
-    Every sample is checked on the way; the output appears only when complete.
+    Every sample is checked on the way; the output file appears only when complete.
     """
     from tqdm import tqdm
 
@@ -101,9 +100,7 @@ def demo(
 ):
     """Generate the embedded demo data: OC20-style slabs with adsorbates labelled by ASE's EMT.
 
-    Metals Al, Ni, Cu, Pd, Ag, Pt, Au on fcc(111)/(100)/(110) with small adsorbates (O, H, N, C,
-    OH, CO, NO, CHx, NHx, H2O, N2), tags 0/1/2, subsurface atoms fixed, periodic cells with
-    vacuum, displaced geometries; 20-80 atoms each. Deterministic for a seed.
+    Metals Al, Ni, Cu, Pd, Ag, Pt, Au on fcc(111)/(100)/(110) with small adsorbates (O, H, N, C, OH, CO, NO, CHx, NHx, H2O, N2), tags 0/1/2, subsurface atoms fixed, periodic cells with vacuum, displaced geometries; 20-80 atoms each. Deterministic for a seed.
     """
     from kdcache.data.demo import write_demo
     from kdcache.errors import ConfigError

@@ -35,6 +35,7 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
     seed: int = typer.Option(0, "--seed", help="Initialisation seed of a teacher without checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    teacher_dtype: str = typer.Option("float32", "--teacher-dtype", help="Precision the teacher runs in: float32 or float64."),
 ):
     """Stage one: run a teacher once over a dataset into a Zarr feature store.
 
@@ -47,7 +48,7 @@ def extract(
         data=data, out=out, teacher=teacher, checkpoint=str(checkpoint) if checkpoint else None,
         features=features.split(",") if features else None, dtype=dtype, label_dtype=label_dtype, codec=codec,
         batch_size=batch_size, device=device, limit=limit, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms,
-        overwrite=overwrite, seed=seed, progress=progress,
+        overwrite=overwrite, seed=seed, progress=progress, teacher_dtype=teacher_dtype,
     )
     if res.rank == 0:
         typer.echo(

@@ -30,6 +30,13 @@ import torch
 from kdcache import keys as K
 from kdcache.errors import DataError
 
+__all__ = [
+    "DISTANCE", "NEIGHBORS", "ID_SWAP", "SymmetricEdges",
+    "radius_graph_pbc", "edge_geometry", "nearest_neighbor_mask", "image_repetitions",
+    "select_edges", "mask_edges", "symmetrize_edges", "symmetrize_graph", "counter_edges",
+    "edge_ids", "build_graph",
+]
+
 #: Keys of a graph dict beyond ``kdcache.keys`` (used only between graph code and models).
 DISTANCE = "distance"    # [E] float: |pos[t] - pos[s] + o @ cell|
 NEIGHBORS = "neighbors"  # [S] long: edges per structure
@@ -125,12 +132,21 @@ def _check_inputs(pos, cell, pbc, natoms):
             "<batch>", None, K.NATOMS,
             f"natoms sums to {int(natoms.sum())} but there are {pos.shape[0]} positions",
         )
+    natoms = natoms.to(device=pos.device, dtype=torch.long)
     cell = cell.reshape(num_structures, 3, 3).to(device=pos.device, dtype=pos.dtype)
     pbc = torch.as_tensor(pbc, device=pos.device).bool()
     if pbc.dim() == 1:
         pbc = pbc.expand(num_structures, 3)
     pbc = pbc.reshape(num_structures, 3)
-    return cell, pbc, natoms.to(device=pos.device, dtype=torch.long)
+    finite_pos = torch.isfinite(pos).all(dim=1)
+    finite_cell = torch.isfinite(cell).flatten(1).all(dim=1)
+    if not bool(finite_pos.all() & finite_cell.all()):
+        batch = torch.repeat_interleave(torch.arange(num_structures, device=pos.device), natoms)
+        bad_pos = batch[~finite_pos]
+        if bad_pos.numel():
+            raise DataError("<batch>", int(bad_pos[0]), K.POSITIONS, "positions are not finite")
+        raise DataError("<batch>", int((~finite_cell).nonzero()[0, 0]), K.CELL, "cell is not finite")
+    return cell, pbc, natoms
 
 
 def _candidate_edges(pos, cell, natoms, reps, cutoff, chunk_size):
@@ -618,10 +634,18 @@ def build_graph(
         pbc = cell.detach().abs().sum(dim=-1) > 0
     pbc = torch.as_tensor(pbc, device=pos.device).bool().reshape(num_structures, 3)
     batch = _batch_vector(data).to(pos.device)
-    edge_index, cell_offset, neighbors = radius_graph_pbc(
-        pos, cell, pbc, natoms, cutoff, max_neighbors, enforce_max_neighbors_strictly,
-        tie_break=tie_break,
-    )
+    try:
+        edge_index, cell_offset, neighbors = radius_graph_pbc(
+            pos, cell, pbc, natoms, cutoff, max_neighbors, enforce_max_neighbors_strictly,
+            tie_break=tie_break,
+        )
+    except DataError as err:
+        # Name the sample by its global dataset index when the batch carries it.
+        sample_index = getattr(data, K.SAMPLE_INDEX, None)
+        if err.index is None or sample_index is None:
+            raise
+        index = int(torch.as_tensor(sample_index).view(-1)[err.index])
+        raise DataError(err.path, index, err.field, err.message) from err
     distance, edge_vector = edge_geometry(pos, cell, batch, edge_index, cell_offset)
     graph = {
         K.EDGE_INDEX: edge_index,

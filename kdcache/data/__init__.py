@@ -13,13 +13,16 @@ import numpy as np
 
 from kdcache import keys as K
 from kdcache.data.coll import ASE_SUFFIXES, XYZ_SUFFIXES, AseDataset, CollDataset
+from kdcache.data.demo import write_demo
 from kdcache.data.lmdb_dataset import LmdbDataset
+from kdcache.data.lmdb_writer import atoms_to_record, sample_to_record, write_lmdb
 from kdcache.data.sample import Sample, make_sample, sample_hash
 from kdcache.errors import DataError
 
 __all__ = [
     "open_dataset", "dataset_statistics", "sample_hash", "make_sample", "Sample",
-    "LmdbDataset", "AseDataset", "CollDataset",
+    "LmdbDataset", "AseDataset", "CollDataset", "write_lmdb", "sample_to_record", "atoms_to_record",
+    "write_demo",
 ]
 
 

@@ -140,7 +140,7 @@ def demo_systems(num_frames: int, seed: int = 0, split: str = "train", workers: 
     code = SPLITS[split]
     made, system = 0, 0
     pool = None
-    if workers > 1 and num_frames > 64:
+    if workers > 1 and num_frames > 16:
         import multiprocessing as mp
 
         pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)

@@ -31,7 +31,7 @@ def lmdb_files(path) -> list[Path]:
 
 # One environment per file and process: py-lmdb refuses to open a file twice in a process,
 # and several datasets (train/val, info, a store check) may name the same file.
-_ENVS: dict[str, lmdb.Environment] = {}
+_ENVS: dict[str, tuple[tuple, lmdb.Environment]] = {}
 _ENVS_PID: int | None = None
 
 
@@ -44,9 +44,21 @@ def shared_env(path: Path) -> lmdb.Environment:
         _ENVS.clear()
         _ENVS_PID = pid
     key = os.path.realpath(path)
-    env = _ENVS.get(key)
-    if env is None:
-        env = _ENVS[key] = _open_env(Path(path))
+    try:
+        st = os.stat(key)
+    except OSError:
+        raise DataError(path, None, None, "no such file") from None
+    # A file rewritten under the same name (e.g. demo data regenerated) must not be served
+    # from the old mapping.
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _ENVS.get(key)
+    if cached is not None and cached[0] == ident:
+        return cached[1]
+    if cached is not None:
+        cached[1].close()
+        del _ENVS[key]
+    env = _open_env(Path(path))
+    _ENVS[key] = (ident, env)
     return env
 
 

@@ -172,7 +172,8 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     map_size = 1 << 30
-    env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False)
+    # meminit: zero unused page space, so equal records give byte-identical files.
+    env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=True)
     count = 0
     try:
         pending: list[tuple[bytes, bytes]] = []

@@ -13,14 +13,16 @@ Two further precautions:
   pickles (attributes in ``_store._mapping``) load under any installed PyG version, and no
   ``__setstate__`` of a library class runs on untrusted state.
 * ``torch.storage._load_from_bytes`` itself calls ``torch.load(..., weights_only=False)``; it is
-  replaced by a version that loads the inner bytes with ``weights_only=True`` (torch's own
-  restricted unpickler).
+  replaced by our decoder of those bytes (storage classes only), falling back to
+  ``torch.load(..., weights_only=True)`` (torch's own restricted unpickler).
 """
 
 from __future__ import annotations
 
+import _compat_pickle
+import codecs
 import collections
-import copyreg
+import functools
 import io
 import pickle
 from typing import Any
@@ -151,11 +153,6 @@ def _reconstructor(cls, base, state):
     return cls()
 
 
-_STORAGE_NAMES = [
-    "FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage",
-    "IntStorage", "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage",
-]
-
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
@@ -164,6 +161,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("builtins", "object"): object,
+    ("_codecs", "encode"): codecs.encode,  # protocol 2 spells bytes as encode(str, "latin1")
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
@@ -173,19 +171,20 @@ for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED[(_mod, "scalar")] = None
 for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
     _ALLOWED[(_mod, "_frombuffer")] = None
-for _name in _STORAGE_NAMES:
-    if hasattr(torch, _name):
-        _ALLOWED[("torch", _name)] = getattr(torch, _name)
+# Storage classes (torch.FloatStorage, ...) appear only inside the _load_from_bytes payload,
+# which _LegacyUnpickler reads; calling them from the outer pickle is never needed.
 for _name in ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"):
     _ALLOWED[("torch", _name)] = getattr(torch, _name)
 _ALLOWED.update(_STUBS)
 
 
+@functools.lru_cache(maxsize=None)
 def _numpy_internal(module: str, name: str):
     """Resolve an allowed numpy internal by name in whichever numpy layout is installed."""
     import importlib
 
-    for mod in (module, module.replace("numpy._core", "numpy.core"), module.replace("numpy.core", "numpy._core")):
+    # numpy >= 2 first (importing numpy.core there warns), then numpy 1.x.
+    for mod in (module.replace("numpy.core", "numpy._core"), module.replace("numpy._core", "numpy.core")):
         try:
             return getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError):
@@ -195,6 +194,10 @@ def _numpy_internal(module: str, name: str):
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        # Protocols < 3 use Python-2 names (copy_reg, __builtin__); map them as pickle does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         key = (module, name)
         if key not in _ALLOWED:
             raise _Refused(f"{module}.{name}")

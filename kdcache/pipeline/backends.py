@@ -63,18 +63,18 @@ def build_preset(name: str, device: str | torch.device | None = None, **override
         return _build(name, **overrides)
 
 
-def count_preset(name: str) -> dict:
+def count_preset(name: str, **overrides) -> dict:
     """Registry name, hidden features and parameter count of a preset, built on the meta device
     (no memory for weights) and on CPU only when a constructor cannot run on meta."""
     try:
-        model = build_preset(name, device="meta")
+        model = build_preset(name, device="meta", **overrides)
         where = "meta"
     except ConfigError:
         raise
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"preset {name!r}: {exc}") from None
     except Exception:  # e.g. a basis computed with numpy during construction
-        model = build_preset(name)
+        model = build_preset(name, **overrides)
         where = "cpu"
     params = sum(p.numel() for p in model.parameters())
     return {"name": getattr(model, "name", type(model).__name__), "params": int(params),

@@ -14,6 +14,7 @@ recipe file and the key), and turned into plain dataclasses the runner works fro
     # ... or the embedded demo data:  data: {demo: {num_train: 300, num_val: 40, num_test: 40, seed: 0}}
     teacher:
       preset: gemnet-oc             # a kdcache.models.presets name
+      overrides: {}                 # constructor arguments changing the preset (not with a checkpoint)
       checkpoint: ckpt.pt           # a trained teacher; or `train:` to train it here
       train: {max_steps: 800, batch_size: 8, lr: 1.0e-3}
     store:
@@ -98,13 +99,13 @@ TRAIN_KEYS: dict[str, type | tuple[type, ...]] = {
     "energy_mean": (int, float),
     "energy_std": (int, float),
     "student_map": str,
-    "student_overrides": dict,
     "augment": list,
     "window": int,
     "progress": bool,
 }
 #: trainer settings the pipeline itself sets (from data/store/strategies/out/device)
-PIPELINE_OWNED = ("student", "data", "val", "store", "strategy", "lambda", "lambda_", "feature_loss", "out", "device")
+PIPELINE_OWNED = ("student", "student_overrides", "data", "val", "store", "strategy", "lambda", "lambda_",
+                  "feature_loss", "out", "device")
 
 _TOP_KEYS = {"name", "out", "device", "seed", "data", "teacher", "store", "students", "strategies", "eval", "report", "description"}
 
@@ -126,11 +127,19 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    """A teacher or the student: a preset, optionally a checkpoint, optionally training settings."""
+    """A teacher or the student.
+
+    Args:
+        preset: a :mod:`kdcache.models.presets` name.
+        checkpoint: trained weights (teacher only; its own model configuration wins).
+        train: training settings (``kdcache train`` names).
+        overrides: constructor arguments that change the preset (e.g. ``max_neighbors: 12``).
+    """
 
     preset: str | None = None
     checkpoint: str | None = None
     train: dict | None = None
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -302,8 +311,13 @@ def check_with_trainer(c: "_Checker", settings: dict, key: str) -> None:
 
 
 def _check_model(c: _Checker, value, key: str, strict: bool, need_weights: bool) -> ModelSpec:
-    m = c.mapping(value, key, allowed={"preset", "checkpoint", "train"})
+    m = c.mapping(value, key, allowed={"preset", "checkpoint", "train", "overrides"})
     preset, ckpt, train = m.get("preset"), m.get("checkpoint"), m.get("train")
+    overrides = c.mapping(m.get("overrides"), f"{key}.overrides")
+    if overrides and preset is None:
+        raise c.fail(f"{key}.overrides", "overrides change a preset; give `preset:` too")
+    if overrides and ckpt is not None:
+        raise c.fail(f"{key}.overrides", "a checkpoint's own model configuration is used; drop the overrides")
     if preset is not None:
         c.typed(preset, f"{key}.preset", str)
     if ckpt is not None:
@@ -317,7 +331,7 @@ def _check_model(c: _Checker, value, key: str, strict: bool, need_weights: bool)
         raise c.fail(key, "give `checkpoint:` (a trained teacher) or `train:` (train it in this pipeline)")
     if need_weights and ckpt is not None and train is not None:
         raise c.fail(f"{key}.train", "a teacher with a checkpoint is not trained again; drop one of the two")
-    return ModelSpec(preset=preset, checkpoint=ckpt, train=train)
+    return ModelSpec(preset=preset, checkpoint=ckpt, train=train, overrides=dict(overrides))
 
 
 def _check_strategy(c: _Checker, value, key: str) -> StrategySpec:

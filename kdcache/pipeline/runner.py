@@ -125,11 +125,11 @@ class Pipeline:
             ident = {"checkpoint_sha256": self._cached_sha(ckpt), "preset": t.preset}
             arch = B.checkpoint_model_name(ckpt)
             if arch is None and t.preset:
-                arch = B.count_preset(t.preset)["name"]
+                arch = B.count_preset(t.preset, **t.overrides)["name"]
             return ckpt, ident, arch
-        settings = {"seed": self.recipe.seed, **t.train, "student": t.preset, "data": paths["train"],
-                    "val": paths["val"], "strategy": "none"}
-        inputs = {"preset": t.preset, "train": _result_settings(t.train), "seed": self.recipe.seed,
+        settings = {"seed": self.recipe.seed, **t.train, "student": t.preset, "student_overrides": t.overrides,
+                    "data": paths["train"], "val": paths["val"], "strategy": "none"}
+        inputs = {"preset": t.preset, "overrides": t.overrides, "train": _result_settings(t.train), "seed": self.recipe.seed,
                   "data": {"train": ids["train"], "val": ids["val"]}}
         res = self._stage("teacher (train)", self.out / "teacher", inputs,
                           lambda f: B.train(settings, f, self.device))
@@ -168,8 +168,9 @@ class Pipeline:
         r = self.recipe
         name = "baseline" if spec is None else spec.name
         train = r.student_train(spec)
-        settings = {**train, "student": r.student.preset, "data": paths["train"], "val": paths["val"]}
-        inputs = {"preset": r.student.preset, "train": _result_settings(train),
+        settings = {**train, "student": r.student.preset, "student_overrides": r.student.overrides,
+                    "data": paths["train"], "val": paths["val"]}
+        inputs = {"preset": r.student.preset, "overrides": r.student.overrides, "train": _result_settings(train),
                   "data": {"train": ids["train"], "val": ids["val"]}}
         if spec is None:
             settings["strategy"] = "none"

@@ -41,11 +41,13 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
             if spec.preset is None:
                 continue
             try:
-                info = B.count_preset(spec.preset)
+                info = B.count_preset(spec.preset, **spec.overrides)
             except ImportError as exc:
                 raise fail(f"{key}.preset", f"cannot build presets ({exc})") from None
             except ConfigError as exc:
                 raise fail(f"{key}.preset", str(exc)) from None
+            except TypeError as exc:  # an override the constructor does not take
+                raise fail(f"{key}.overrides", str(exc)) from None
             summary[key] = {"preset": spec.preset, **info}
         teacher_arch = summary.get("teacher", {}).get("name")
         student = summary.get("students")

@@ -14,7 +14,6 @@ import hashlib
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -204,6 +203,26 @@ def dataset_natoms(dataset, n: int, progress: bool = False) -> np.ndarray:
     return out
 
 
+def set_teacher_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """Run the teacher in ``dtype`` (float32 unless asked otherwise, whatever the checkpoint
+    stored); the label normaliser stays float64 so that large energy means keep their digits."""
+    if dtype not in ("float32", "float64"):
+        raise ConfigError(f"--teacher-dtype {dtype!r}: choose float32 or float64")
+    model.to(getattr(torch, dtype))
+    if hasattr(model, "normalizer"):
+        model.normalizer.double()
+    return model
+
+
+def _batch_to(batch, dev: torch.device, dtype: str):
+    batch = batch.to(dev)
+    want = getattr(torch, dtype)
+    for key in (K.POSITIONS, K.CELL):
+        if key in batch and batch[key].is_floating_point() and batch[key].dtype != want:
+            batch[key] = batch[key].to(want)
+    return batch
+
+
 def _graph_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if any(w in k for w in _GRAPH_WORDS)}
 
@@ -258,6 +277,7 @@ def extract(
     overwrite: bool = False,
     seed: int = 0,
     progress: bool = True,
+    teacher_dtype: str = "float32",
 ) -> ExtractResult:
     """Run ``teacher`` over ``data`` into the store ``out`` (create, resume, or refuse).
 
@@ -280,6 +300,7 @@ def extract(
         overwrite: replace an existing store made with different settings.
         seed: initialisation seed of a checkpoint-less (random) teacher.
         progress: show a progress bar (rank 0).
+        teacher_dtype: dtype the teacher runs in (``float32``; ``float64`` for parity checks).
     """
     t_start = time.perf_counter()
     if dtype not in F.FEATURE_DTYPES:
@@ -292,6 +313,11 @@ def extract(
         raise ConfigError("--batch-size must be positive")
     rank, world_size, local_rank = _dist_env()
     dev = torch.device(device) if device else _default_device(local_rank)
+    if dev.type == "cuda":
+        # GPU scatter-adds use atomics (order-dependent sums); deterministic kernels make a
+        # resumed or multi-GPU run write the same bits as an uninterrupted one
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dist = None
     if world_size > 1:
         import torch.distributed as dist
@@ -302,7 +328,7 @@ def extract(
     try:
         return _extract(
             data, out, teacher, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
-            shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, dist, t_start,
+            shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, dist, t_start, teacher_dtype,
         )
     finally:
         if dist is not None and dist.is_initialized():
@@ -318,7 +344,8 @@ def _broadcast(dist, obj, rank):
 
 
 def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
-             shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, dist, t_start) -> ExtractResult:
+             shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, dist, t_start,
+             teacher_dtype) -> ExtractResult:
     from torch_geometric.data import Batch
 
     out = Path(out)
@@ -327,6 +354,7 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
     n = n_total if limit is None else max(0, min(int(limit), n_total))
     teacher = load_teacher(teacher_name, checkpoint, dev, seed=seed)
     model = teacher.model
+    set_teacher_dtype(model, teacher_dtype)
     for p in model.parameters():  # forces may need autograd w.r.t. positions, never w.r.t. weights
         p.requires_grad_(False)
     keys, has_energy = resolve_features(model, features)
@@ -345,6 +373,7 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
         "shard_atoms": shard_atoms,
         "chunk_atoms": chunk_atoms,
         "batch_size": batch_size,
+        "teacher_dtype": teacher_dtype,
     }
     if teacher.checkpoint is None:
         request["teacher"]["seed"] = seed
@@ -355,7 +384,8 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
     if rank == 0:
         try:
             status["resumed"] = _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden,
-                                               codec, shard_atoms, chunk_atoms, fingerprint, has_energy, dev, progress)
+                                               codec, shard_atoms, chunk_atoms, fingerprint, has_energy, dev, progress,
+                                               teacher_dtype)
         except Exception as exc:  # every rank must hear about it, or the others wait forever
             failure = exc
             status["error"] = f"{type(exc).__name__}: {exc}"
@@ -384,7 +414,6 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
         bar = tqdm(total=n_mine, initial=n_done, unit="sample", desc=f"extract {teacher.name}", file=sys.stderr,
                    mininterval=0.5, smoothing=0.1)
     t_fwd = t_write = 0.0
-    t_recorded = time.perf_counter()
     delay = float(os.environ.get("KDCACHE_TEST_GROUP_DELAY", "0") or 0)  # tests: widen the kill window
     storage = {k: F.storage_dtype(dtypes[k]) for k in keys}
     shapes = {k: tuple(writer.root[k].shape[1:]) for k in keys}
@@ -403,7 +432,7 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
                     raise DataError(data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the store "
                                     f"was laid out for {int(lay.natoms[i])}: the dataset changed; use --overwrite")
                 hashes[i - samples.start] = np.int64(_sample_hash(item)).view(np.uint64)
-            batch = Batch.from_data_list(items).to(dev)
+            batch = _batch_to(Batch.from_data_list(items), dev, teacher_dtype)
             pred = model.predict(batch, hidden)
             a = int(lay.atom_start[ids.start]) - lo
             b = a + int(lay.natoms[ids.start : ids.stop].sum())
@@ -421,9 +450,9 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
         t_write += t2 - t1
         if bar is not None:
             bar.set_postfix_str(f"write {100 * t_write / max(t_fwd + t_write, 1e-9):.1f}%", refresh=False)
-        if rank == 0 and world_size == 1 and (t2 - t_recorded > 10.0 or g == todo[-1]):
-            writer.record_partial_ranges()  # informational (`kdcache store info`); markers decide
-            t_recorded = t2
+        done.add(g)
+        if rank == 0 and world_size == 1:
+            writer.record_partial_ranges(done)  # informational (`kdcache store info`)
         if delay:
             time.sleep(delay)
     if bar is not None:
@@ -445,7 +474,7 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
 
 
 def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden, codec, shard_atoms,
-                   chunk_atoms, fingerprint, has_energy, dev, progress) -> bool:
+                   chunk_atoms, fingerprint, has_energy, dev, progress, teacher_dtype) -> bool:
     """Create the store, or check an existing one can be resumed. Returns True when resuming."""
     from torch_geometric.data import Batch
 
@@ -461,7 +490,7 @@ def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, m
     # one forward on the first sample tells the feature widths
     if n == 0:
         raise ConfigError(f"{dataset!r} has no samples to extract")
-    probe = model.predict(Batch.from_data_list([dataset[0]]).to(dev), hidden)
+    probe = model.predict(_batch_to(Batch.from_data_list([dataset[0]]), dev, teacher_dtype), hidden)
     row_shapes = {k: tuple(probe[k].shape[1:]) for k in keys}
     natoms = dataset_natoms(dataset, n, progress=progress)
     layout = F.Layout.plan(natoms, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms)

@@ -149,7 +149,9 @@ class FeatureStore:
         self._maps[(key, shard)] = m
         return m
 
-    def read_rows(self, rows: Sequence[int] | np.ndarray, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def read_rows(
+        self, rows: Sequence[int] | np.ndarray, keys: Sequence[str] | None = None, dtype: torch.dtype | None = torch.float32
+    ) -> dict[str, torch.Tensor]:
         """Like :meth:`read` but addressed by store row."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         keys = self.per_atom_keys if keys is None else tuple(keys)
@@ -172,32 +174,52 @@ class FeatureStore:
             if key not in self._specs:
                 raise StoreError(f"{self.path}: the store has no {key!r} (it holds {list(self.per_atom_keys)})")
             spec = self._specs[key]
-            buf = np.empty((total, *spec.row_shape), dtype=np.float32)
-            bf16 = self.dtypes.get(key) == "bfloat16"
-            target = buf.view(np.uint32) if bf16 else buf
+            stored = self.dtypes.get(key)
+            bf16 = stored == "bfloat16"
+            keep = dtype is None and key in F.HIDDEN_KEYS and stored in ("float16", "bfloat16")
+            if keep:  # stored precision: a plain copy, half the bytes of float32
+                buf = np.empty((total, *spec.row_shape), dtype=spec.dtype)
+                target = buf
+            else:
+                buf = np.empty((total, *spec.row_shape), dtype=np.float32)
+                target = buf.view(np.uint32) if bf16 else buf
             for s, off, take, d in pieces:
                 target[d : d + take] = self._shard(key, s)[off : off + take]  # casts while copying
-            if bf16:
-                target <<= 16  # the uint16 bits were widened into the low half
-            out[key] = torch.from_numpy(buf)
+            if keep:
+                t = torch.from_numpy(buf.view(np.int16)).view(torch.bfloat16) if bf16 else torch.from_numpy(buf)
+            else:
+                if bf16:
+                    target <<= 16  # the uint16 bits were widened into the low half
+                t = torch.from_numpy(buf)
+                if dtype is not None and dtype != torch.float32:
+                    t = t.to(dtype)
+            out[key] = t
         out[K.ENERGY] = torch.from_numpy(self.energy[rows].astype(np.float32))
         out[K.NATOMS] = torch.from_numpy(natoms.copy())
         out[F.SAMPLE_HASH] = torch.from_numpy(self.sample_hash[rows].view(np.int64).copy())
         out[K.SAMPLE_INDEX] = torch.from_numpy(self.sample_index[rows].copy())
         return out
 
-    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Targets of dataset samples ``indices`` as float32 tensors (eV, eV/Å).
+    def read(
+        self,
+        indices: Sequence[int] | np.ndarray | torch.Tensor,
+        keys: Sequence[str] | None = None,
+        dtype: torch.dtype | None = torch.float32,
+    ) -> dict[str, torch.Tensor]:
+        """Targets of dataset samples ``indices`` as tensors (eV, eV/Å).
 
-        Per-atom arrays are concatenated in the given order of samples; ``energy [S]``,
-        ``natoms [S]`` (long), ``sample_hash [S]`` (uint64 bits as int64) and
+        Per-atom arrays are concatenated in the given order of samples; ``energy [S]``
+        (float32), ``natoms [S]`` (long), ``sample_hash [S]`` (uint64 bits as int64) and
         ``sample_index [S]`` come per sample.
 
         Args:
             indices: dataset indices (``sample_index`` of the samples).
             keys: per-atom keys to read (default: all stored).
+            dtype: dtype of the per-atom arrays (default float32). ``None`` keeps hidden
+                features in their stored precision (``torch.float16`` / ``torch.bfloat16``):
+                half the bytes to copy, and the cast can happen on the GPU.
         """
-        return self.read_rows(self.rows(indices), keys)
+        return self.read_rows(self.rows(indices), keys, dtype)
 
     def __len__(self) -> int:
         return self.num_samples

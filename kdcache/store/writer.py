@@ -299,9 +299,10 @@ class StoreWriter:
         self.attrs = attrs
         shutil.rmtree(self.progress, ignore_errors=True)
 
-    def record_partial_ranges(self) -> None:
-        """Write the sample ranges that are in so far into the attributes (informational)."""
-        done = sorted(self.done_groups())
+    def record_partial_ranges(self, done: set[int] | None = None) -> None:
+        """Write the sample ranges that are in so far into the attributes (informational: the
+        marker files decide what a resume redoes)."""
+        done = sorted(self.done_groups() if done is None else done)
         ranges: list[list[int]] = []
         for g in done:
             s = self.layout.group_samples(g)

@@ -57,6 +57,8 @@ class TrainConfig:
         augment: list of augmentations (``rotate``).
         window: locality window of the store's batch sampler (samples; default: the sampler's).
         progress: show a progress bar.
+        deterministic: use torch's deterministic kernels (needed for bit-exact resume: e.g. the
+            CPU backward of indexing accumulates in a thread-dependent order otherwise).
     """
 
     student: str = "painn-tiny"
@@ -99,6 +101,7 @@ class TrainConfig:
     augment: list = field(default_factory=list)
     window: int | None = None
     progress: bool = True
+    deterministic: bool = True
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -165,7 +168,8 @@ class TrainConfig:
 
     #: settings that may change between a run and its resumption
     RESUMABLE_CHANGES = ("max_steps", "epochs", "eval_every", "checkpoint_every", "num_workers", "device",
-                         "progress", "val", "val_batch_size")
+                         "progress", "val", "val_batch_size",
+                         "deterministic")
 
     def differences(self, other: dict) -> list[str]:
         """Settings that differ from a saved run's (ignoring those a resume may change)."""

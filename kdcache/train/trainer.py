@@ -216,7 +216,9 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "best": self.best,
-            "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+            # copies: the tensors of state_dict() alias the parameters, which the EMA swap overwrites
+            "objective": {k: v.detach().clone() for k, v in self.objective.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "rng": rng_state(), "config": self.cfg.to_dict(), "world_size": self.world,
             "strategy": {t.name: t.weight for t in self.terms}, "store_keys": self.store_keys,
@@ -350,6 +352,19 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         D.barrier()
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        if cfg.deterministic:
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            # warn_only: an op without a deterministic kernel warns instead of stopping the run
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return self._fit(stop_after_steps)
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+
+    def _fit(self, stop_after_steps: int | None) -> dict:
+        cfg = self.cfg
         resumed = self.resume()
         if self.is_main:
             cfg.save(self.out / CONFIG_FILE)

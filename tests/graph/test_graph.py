@@ -313,6 +313,14 @@ def test_empty_and_isolated():
     pos = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]], dtype=torch.float64)
     out = G.radius_graph_pbc(pos, torch.zeros(1, 3, 3), torch.zeros(1, 3, dtype=torch.bool), torch.tensor([2]), 3.0, 5)
     assert out[0].shape == (2, 0) and out[1].shape == (0, 3) and out[2].tolist() == [0]
+    # empty structures anywhere in a batch, a lone molecule atom, a periodic atom seeing itself
+    pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    cell = torch.stack([torch.eye(3) * 2.5, torch.zeros(3, 3), torch.eye(3) * 3.0]).double()
+    pbc = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 1, 1]]).bool()
+    counts = {(2, 0, 1): [8, 0, 4], (0, 3, 0): [0, 6, 0], (2, 1, 0): [8, 0, 0]}
+    for natoms, expected in counts.items():
+        _, _, neighbors = G.radius_graph_pbc(pos, cell, pbc, torch.tensor(natoms), 3.1, 4, True)
+        assert neighbors.tolist() == expected, natoms
 
 
 def test_reference_gemnet_oc_main_graph():
@@ -348,3 +356,44 @@ def test_cuda_matches_cpu():
     cpu = G.radius_graph_pbc(pos, cell, pbc, natoms, 5.0, 8, False)
     gpu = G.radius_graph_pbc(pos.cuda(), cell.cuda(), pbc.cuda(), natoms.cuda(), 5.0, 8, False)
     assert edge_dict(*cpu[:2]) == edge_dict(gpu[0].cpu(), gpu[1].cpu())
+
+
+def test_reference_tie_break_literal():
+    """fcc Cu primitive cell, 15 nearest of 54 (12 at 2.55 Å, then 3 of the 6 at 3.6 Å).
+
+    The expected offsets were produced by fairchem 1.10's ``radius_graph_pbc`` (strict; offsets
+    negated to our sign) in float64 on CPU: which 3 of the 6 tied images it keeps follows torch's
+    unstable row sort, which ``tie_break="reference"`` reproduces and "stable" does not.
+    """
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.6)
+    pos = torch.tensor(atoms.positions)
+    cell = torch.tensor(atoms.cell.array)[None]
+    args = (pos, cell, torch.ones(1, 3, dtype=torch.bool), torch.tensor([1]), 5.2, 15, True)
+    expected = {
+        (-1, 0, 0), (-1, 0, 1), (-1, 1, -1), (-1, 1, 0), (-1, 1, 1), (0, -1, 0), (0, -1, 1),
+        (0, 0, -1), (0, 0, 1), (0, 1, -1), (0, 1, 0), (1, -1, 0), (1, -1, 1), (1, 0, -1), (1, 0, 0),
+    }
+    _, offset, _ = G.radius_graph_pbc(*args)
+    assert {tuple(o) for o in offset.tolist()} == expected
+    _, offset, _ = G.radius_graph_pbc(*args, tie_break="stable")
+    assert {tuple(o) for o in offset.tolist()} != expected and offset.shape[0] == 15
+
+
+def test_non_finite_positions_name_the_sample():
+    from torch_geometric.data import Batch, Data
+
+    good = Data(pos=torch.rand(3, 3, dtype=torch.float64) * 3, cell=torch.eye(3)[None] * 4,
+                pbc=torch.ones(1, 3, dtype=torch.bool), natoms=torch.tensor([3]), sample_index=torch.tensor([40]))
+    bad = good.clone()
+    bad.pos = bad.pos.clone()
+    bad.pos[1, 2] = float("nan")
+    bad.sample_index = torch.tensor([41])
+    batch = Batch.from_data_list([good, bad])
+    # set after batching: plain PyG increments keys containing "index" by the atom count
+    batch.sample_index = torch.tensor([40, 41])
+    with pytest.raises(DataError, match="sample 41.*'pos'"):
+        G.build_graph(batch, 3.0, 10)
+    graph = G.build_graph(Batch.from_data_list([good]), 3.0, 10, symmetric=True)
+    assert set(graph) == {K.EDGE_INDEX, K.CELL_OFFSET, G.DISTANCE, K.EDGE_VECTOR, G.NEIGHBORS, G.ID_SWAP}

@@ -95,3 +95,23 @@ def assert_stores_equal(a: Path, b: Path) -> None:
         assert xa.dtype == xb.dtype and xa.shape == xb.shape, name
         assert np.array_equal(xa.view(np.uint8), xb.view(np.uint8)), f"array {name} differs"
     assert ga.attrs["kdcache"]["dataset"]["sample_hashes_sha256"] == gb.attrs["kdcache"]["dataset"]["sample_hashes_sha256"]
+
+
+#: the extraction every resume/multi-process test compares against
+PAINN_ARGS = dict(features=None, dtype="float16", batch_size=3, **LAYOUT)
+
+
+def painn_cli_args(data: Path, ckpt: Path, out: Path) -> list[str]:
+    return ["extract", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--dtype", "float16",
+            "--batch-size", "3", "--shard-atoms", str(LAYOUT["shard_atoms"]), "--chunk-atoms", str(LAYOUT["chunk_atoms"]),
+            "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def painn_ref_store(tmp_path_factory, mol_lmdb, painn_ckpt) -> Path:
+    """An uninterrupted single-process extraction (painn-tiny teacher, float16)."""
+    from kdcache.store.extract import extract
+
+    out = tmp_path_factory.mktemp("ref") / "painn.zarr"
+    extract(mol_lmdb, out, checkpoint=str(painn_ckpt), progress=False, **PAINN_ARGS)
+    return out

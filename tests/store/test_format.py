@@ -153,3 +153,30 @@ def test_incomplete_store_refused_and_pickles_lazily(tmp_path):
     s.read_rows([0])
     assert s._maps
     assert pickle.loads(pickle.dumps(s))._maps == {}
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_read_in_stored_precision(tmp_path, dtype, torch_dtype):
+    natoms, cum, values, *_ = _write_synthetic(tmp_path / "s.zarr", dtype)
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    out = store.read([3, 11], dtype=None)
+    assert out[K.E2V].dtype == torch_dtype and out[K.FORCES].dtype == torch.float32
+    want = _expected(np.concatenate([values[K.E2V][cum[i] : cum[i + 1]] for i in (3, 11)]), dtype)
+    np.testing.assert_array_equal(out[K.E2V].float().numpy(), want)
+
+
+def test_shard_with_absent_chunks_reads_as_zeros(tmp_path):
+    """A shard written by another tool (zarr's default skips all-zero chunks) still reads right."""
+    path = tmp_path / "s.zarr"
+    natoms, cum, values, *_ = _write_synthetic(path, "float32")
+    arr = zarr.open_group(str(path), mode="r+")[K.NODE]  # default config: empty chunks skipped
+    lo = 32  # shard 1
+    block = np.asarray(arr[lo : lo + 32])
+    block[8:16] = 0  # one inner chunk becomes all zero -> absent from the rewritten shard
+    arr[lo : lo + 32] = block
+    store = FeatureStore.open(path)
+    rows = [r for r in range(store.num_samples) if lo <= store.atom_start[r] < lo + 32]
+    out = store.read_rows(rows, keys=[K.NODE])
+    want = np.concatenate([block[store.atom_start[r] - lo : store.atom_start[r] - lo + store.natoms[r]] for r in rows])
+    np.testing.assert_array_equal(out[K.NODE].numpy(), want)
+    assert type(store._maps[(K.NODE, 1)]).__name__ == "_ChunkedShard"

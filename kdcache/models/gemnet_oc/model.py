@@ -17,6 +17,7 @@ the module tree reproduces its parameter names, so an OCP checkpoint's ``state_d
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -163,7 +164,7 @@ class GemNetOC(PotentialModel):
             log.warning("GemNetOC: ignoring unknown arguments %s", sorted(unknown))
         if num_blocks < 1:
             raise ValueError("num_blocks must be at least 1")
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "unknown", "__class__")}
+        self.config = copy.deepcopy({k: v for k, v in locals().items() if k not in ("self", "unknown", "__class__")})
 
         rbf = rbf or {"name": "gaussian"}
         rbf_spherical = rbf_spherical or rbf
@@ -179,7 +180,7 @@ class GemNetOC(PotentialModel):
         self.atom_edge_interaction = atom_edge_interaction
         self.edge_atom_interaction = edge_atom_interaction
         self.atom_interaction = atom_interaction
-        self.register_buffer("qint_tags", torch.tensor(qint_tags, dtype=torch.long), persistent=False)
+        self.qint_tags = tuple(int(t) for t in qint_tags)
         self.use_pbc = use_pbc
         self.regress_forces = regress_forces
         self.direct_forces = direct_forces
@@ -410,7 +411,8 @@ class GemNetOC(PotentialModel):
                 raise DataError("<batch>", None, K.TAGS, "GemNet-OC quadruplet interactions need atom tags")
             tags = tags.to(pos.device)
             s, t = qint_graph[K.EDGE_INDEX]
-            tag_ok = (tags[:, None] == self.qint_tags.to(tags.device)).any(dim=-1)
+            allowed = torch.tensor(self.qint_tags, dtype=tags.dtype, device=tags.device)
+            tag_ok = (tags[:, None] == allowed).any(dim=-1)
             qint_graph = G.mask_edges(qint_graph, tag_ok[s] | tag_ok[t], batch_vec, n_struct)
 
         # every main edge needs its counter-edge for symmetric message passing
@@ -552,7 +554,8 @@ class GemNetOC(PotentialModel):
         wanted = self.check_features(features)
         gradient_forces = self.regress_forces and not self.direct_forces
         with torch.set_grad_enabled(torch.is_grad_enabled() or gradient_forces):
-            pos = batch[K.POSITIONS]
+            # positions (and, in build_graphs, the cell) follow the model's precision
+            pos = batch[K.POSITIONS].to(self.atom_emb.embeddings.weight.dtype)
             if gradient_forces and not pos.requires_grad:
                 pos = pos.detach().requires_grad_(True)
             return self._forward(batch, pos, wanted, gradient_forces)
@@ -622,9 +625,8 @@ class GemNetOC(PotentialModel):
                 if self.forces_coupled:
                     # |F_st| = |F_ts|: average each edge with its counter-edge
                     f_st = (f_st + f_st[g["id_swap"]]) / 2
-                out[K.FORCES] = (f_st * main[VECTOR]).new_zeros(num_atoms, 3).index_add_(
-                    0, idx_t, f_st * main[VECTOR]
-                )
+                f_vec = f_st * main[VECTOR]  # [E, 3] along each edge, onto its target
+                out[K.FORCES] = f_vec.new_zeros(num_atoms, 3).index_add_(0, idx_t, f_vec)
             else:
                 (grad,) = torch.autograd.grad(
                     energy, pos, grad_outputs=torch.ones_like(energy), create_graph=self.training
