@@ -63,7 +63,7 @@ def measure(x: np.ndarray, dtype: str, codec: str, work: Path) -> tuple[float, f
     """(stored bytes per value, seconds per full read through zarr) of ``x`` [A, d]."""
     a = (x.shape[0] // 128) * 128
     x = x[:a]
-    path = work / f"{dtype}-{codec}.zarr"
+    path = work / f"{x.shape[1]}-{dtype}-{codec}-{time.perf_counter_ns()}.zarr"
     arr = zarr.create_array(str(path), shape=x.shape, shards=(a, x.shape[1]), chunks=(128, x.shape[1]),
                             dtype=F.storage_dtype(dtype), compressors=_codec_objects(codec), fill_value=0)
     arr[:] = F.to_storage(torch.from_numpy(x), dtype)

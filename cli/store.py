@@ -53,7 +53,8 @@ def extract(
     if res.rank == 0:
         typer.echo(
             f"{res.path}: {res.num_samples} samples; {res.groups_written} group(s) written by rank 0 in "
-            f"{res.seconds_total:.1f} s (writing {100 * res.write_share:.1f}% of forward+write)"
+            f"{res.seconds_total:.1f} s (waiting for writes: {100 * res.write_share:.1f}% of the time; "
+            f"writer thread busy {res.seconds_write:.1f} s)"
         )
 
 

@@ -210,7 +210,9 @@ def _load_weights(path: Path, model: nn.Module, state_dict: Mapping[str, Any], a
         raise CheckpointError(f"checkpoint {path}: state_dict does not fit {type(model).__name__}: " + "; ".join(problems))
     # Load at the stored precision: copying float64 weights into a float32 model and converting
     # afterwards would lose the digits float64 parity needs.
-    stored = next((v.dtype for v in state_dict.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    # (normaliser buffers are always float64 and say nothing about the weights' precision)
+    stored = next((v.dtype for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                   and not k.startswith("normalizer.")), None)
     if stored is not None:
         model.to(dtype=stored)
     model.load_state_dict({k: v for k, v in state_dict.items()}, strict=False)

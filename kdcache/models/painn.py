@@ -65,8 +65,10 @@ class ScaleFactor(nn.Module):
         self.scale_factor.fill_(float(value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # An unfitted factor (0) means "no scaling", not "multiply by zero".
-        return x * self.scale_factor if self.fitted else x
+        # An unfitted factor (0) means "no scaling", not "multiply by zero". Decided on the
+        # device (no host sync on CUDA); x * 1 is exact, so this equals the reference's branch.
+        sf = self.scale_factor.to(x.dtype)
+        return x * torch.where(sf != 0, sf, torch.ones_like(sf))
 
 
 class AtomEmbedding(nn.Module):

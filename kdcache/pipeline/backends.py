@@ -163,7 +163,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, batch_size: int, device: 
     efwt as a fraction, samples_per_s)."""
     from kdcache.evaluate import evaluate_checkpoint
 
-    return dict(evaluate_checkpoint(checkpoint, data, batch_size=batch_size, device=device))
+    return dict(evaluate_checkpoint(checkpoint, data, batch_size=batch_size, device=device, progress=True))
 
 
 def collect(checkpoint: str | Path, data: str | Path, num_samples: int, batch_size: int, device: str,

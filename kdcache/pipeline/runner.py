@@ -53,7 +53,12 @@ def _result_settings(settings: dict) -> dict:
 
 
 def resolve_store_features(recipe: Recipe, teacher_arch: str | None) -> tuple[str, ...]:
-    """The store's ``--features``: as given, or (``auto``) what the strategies read."""
+    """The store's ``--features``: as given, or (``auto``) every target the teacher can give.
+
+    ``auto`` stores all of them, not only what today's strategies read: the store is then the
+    same whichever strategies the recipe lists, so adding a strategy later trains one student
+    instead of re-extracting the store and re-training every distilled student.
+    """
     if recipe.store.features:
         feats = recipe.store.features
     else:
@@ -63,6 +68,9 @@ def resolve_store_features(recipe: Recipe, teacher_arch: str | None) -> tuple[st
                 for f in strategy_needs(strat, teacher_arch):
                     if f not in needed:
                         needed.append(f)
+        if teacher_arch in ARCH_FEATURES:
+            offered = [f for f in ARCH_FEATURES[teacher_arch] if f != "edge"] + ["atom_energy", "outputs"]
+            needed = offered + [f for f in needed if f not in offered]
         feats = tuple(needed)
     if teacher_arch in ARCH_FEATURES:
         have = set(ARCH_FEATURES[teacher_arch]) | {"atom_energy", "outputs"}
@@ -90,8 +98,8 @@ class Pipeline:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.stages: list[StageResult] = []
 
-    def _stage(self, name, folder, inputs, fn) -> StageResult:
-        res = run_stage(name, folder, inputs, fn, log=self.log)
+    def _stage(self, name, folder, inputs, fn, resumable: bool = True) -> StageResult:
+        res = run_stage(name, folder, inputs, fn, log=self.log, resumable=resumable)
         self.stages.append(res)
         return res
 
@@ -104,7 +112,7 @@ class Pipeline:
             demo = dict(d.demo)
             res = self._stage("data (demo)", folder, {"demo": demo},
                               lambda f: B.make_demo_data(f, demo["num_train"], demo["num_val"], demo["num_test"],
-                                                         demo["seed"]))
+                                                         demo["seed"]), resumable=False)
             paths = {k: str(folder / res.outputs[k]) for k in ("train", "val", "test")}
             ids = {k: {"demo": res.input_hash, "split": k} for k in paths}
             return paths, ids
@@ -197,7 +205,7 @@ class Pipeline:
             self.log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
             return {"metrics": "metrics.json", "predictions": "predictions.npz", "features": "features.npz"}
 
-        return self._stage(f"eval {name} (test split)", self.out / "eval" / name, inputs, fn)
+        return self._stage(f"eval {name} (test split)", self.out / "eval" / name, inputs, fn, resumable=False)
 
     # --- whole run ------------------------------------------------------------------------------
     def run(self) -> PipelineResult:
@@ -228,7 +236,7 @@ class Pipeline:
         rep = self._stage("report", self.out / "report",
                           {"evals": {k: v.input_hash for k, v in evals.items()}, "report": r.report,
                            "rows": [[row.name, row.kind, row.strategy] for row in rows]},
-                          lambda f: self._write_report(f, rows, evals, runs))
+                          lambda f: self._write_report(f, rows, evals, runs), resumable=False)
         R.add_gaps(rows)
         self.log("")
         self.log(R.gap_table_text(rows, title=f"{r.name}: share of the student-teacher gap closed (test split)"))

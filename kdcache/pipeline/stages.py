@@ -120,6 +120,7 @@ def run_stage(
     fn: Callable[[Path], dict],
     log: Callable[[str], None] = print,
     force: bool = False,
+    resumable: bool = True,
 ) -> StageResult:
     """Run ``fn(folder) -> outputs`` unless the stage is up to date.
 
@@ -131,6 +132,8 @@ def run_stage(
             Relative path strings among the outputs are checked for existence on later runs.
         log: where progress lines go.
         force: run even when up to date.
+        resumable: the work resumes from what an interrupted attempt left in ``folder``
+            (training, extraction); if False an interrupted attempt's folder is emptied first.
     """
     folder = Path(folder)
     h = hash_inputs(inputs)
@@ -146,7 +149,11 @@ def run_stage(
         log(f"rerun: {name}: inputs changed ({', '.join(changed[:6]) or 'unknown'}); clearing {folder}")
         shutil.rmtree(folder, ignore_errors=True)
     elif prev and prev.get("status") == "running":
-        log(f"resume: {name} (interrupted earlier)")
+        if resumable:
+            log(f"resume: {name} (interrupted earlier)")
+        else:
+            log(f"restart: {name} (interrupted earlier)")
+            shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
     record = {"stage": name, "status": "running", "input_hash": h, "inputs": inputs,

@@ -14,6 +14,7 @@ import hashlib
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -239,13 +240,21 @@ class ExtractResult:
     groups_written: int
     seconds_total: float
     seconds_forward: float  # data loading + teacher forward + conversion
-    seconds_write: float  # zarr writes of shards + markers
+    seconds_write: float  # shard + marker writes (in the writer thread)
     resumed: bool
     rank: int = 0
     world_size: int = 1
+    seconds_waiting_for_writes: float = 0.0  # time the forward loop stood still for the writer
 
     @property
     def write_share(self) -> float:
+        """Writing's share of the extraction's time: the time the loop waited for writes."""
+        busy = self.seconds_forward + self.seconds_waiting_for_writes
+        return self.seconds_waiting_for_writes / busy if busy else 0.0
+
+    @property
+    def write_share_unoverlapped(self) -> float:
+        """The share writing would take if it did not overlap the forward (write thread time)."""
         busy = self.seconds_forward + self.seconds_write
         return self.seconds_write / busy if busy else 0.0
 
@@ -413,48 +422,75 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
 
         bar = tqdm(total=n_mine, initial=n_done, unit="sample", desc=f"extract {teacher.name}", file=sys.stderr,
                    mininterval=0.5, smoothing=0.1)
-    t_fwd = t_write = 0.0
+    t_fwd = t_write = t_blocked = 0.0
     delay = float(os.environ.get("KDCACHE_TEST_GROUP_DELAY", "0") or 0)  # tests: widen the kill window
     storage = {k: F.storage_dtype(dtypes[k]) for k in keys}
     shapes = {k: tuple(writer.root[k].shape[1:]) for k in keys}
-    for g in todo:
-        t0 = time.perf_counter()
-        lo, hi = lay.group_atoms(g)
-        rows = {k: np.zeros((hi - lo, *shapes[k]), dtype=storage[k]) for k in keys}
-        samples = lay.group_samples(g)
-        energy = np.zeros(len(samples), dtype=np.float64)
-        hashes = np.zeros(len(samples), dtype=np.uint64)
-        for b0 in range(samples.start, samples.stop, batch_size):
-            ids = range(b0, min(b0 + batch_size, samples.stop))
-            items = [dataset[i] for i in ids]
-            for i, item in zip(ids, items):
-                if int(item[K.POSITIONS].shape[0]) != int(lay.natoms[i]):
-                    raise DataError(data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the store "
-                                    f"was laid out for {int(lay.natoms[i])}: the dataset changed; use --overwrite")
-                hashes[i - samples.start] = np.int64(_sample_hash(item)).view(np.uint64)
-            batch = _batch_to(Batch.from_data_list(items), dev, teacher_dtype)
-            pred = model.predict(batch, hidden)
-            a = int(lay.atom_start[ids.start]) - lo
-            b = a + int(lay.natoms[ids.start : ids.stop].sum())
-            for k in keys:
-                rows[k][a:b] = F.to_storage(pred[k], dtypes[k])
-            energy[ids.start - samples.start : ids.stop - samples.start] = (
-                pred[K.ENERGY].detach().double().cpu().numpy() if has_energy else 0.0
-            )
-            if bar is not None:
-                bar.update(len(ids))
-        t1 = time.perf_counter()
+
+    def write(g, rows, energy, hashes) -> float:
+        t = time.perf_counter()
         writer.write_group(g, rows, energy, hashes)
-        t2 = time.perf_counter()
-        t_fwd += t1 - t0
-        t_write += t2 - t1
-        if bar is not None:
-            bar.set_postfix_str(f"write {100 * t_write / max(t_fwd + t_write, 1e-9):.1f}%", refresh=False)
-        done.add(g)
+        return time.perf_counter() - t
+
+    # Writes run in one background thread, overlapping the next group's forward; at most one
+    # group waits, so memory stays at two groups' buffers. A group's marker is written after its
+    # shards, by the same task, so a kill at any moment leaves no marker without data.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-store-write")
+    pending: tuple[int, Future] | None = None
+
+    def settle() -> None:
+        nonlocal pending, t_write, t_blocked
+        if pending is None:
+            return
+        g_prev, fut = pending
+        t = time.perf_counter()
+        t_write += fut.result()
+        t_blocked += time.perf_counter() - t
+        pending = None
+        done.add(g_prev)
         if rank == 0 and world_size == 1:
             writer.record_partial_ranges(done)  # informational (`kdcache store info`)
-        if delay:
-            time.sleep(delay)
+        if bar is not None:
+            bar.set_postfix_str(f"write {100 * t_blocked / max(t_fwd + t_blocked, 1e-9):.1f}%", refresh=False)
+
+    try:
+        for g in todo:
+            t0 = time.perf_counter()
+            lo, hi = lay.group_atoms(g)
+            rows = {k: np.zeros((hi - lo, *shapes[k]), dtype=storage[k]) for k in keys}
+            samples = lay.group_samples(g)
+            energy = np.zeros(len(samples), dtype=np.float64)
+            hashes = np.zeros(len(samples), dtype=np.uint64)
+            for b0 in range(samples.start, samples.stop, batch_size):
+                ids = range(b0, min(b0 + batch_size, samples.stop))
+                items = [dataset[i] for i in ids]
+                for i, item in zip(ids, items):
+                    if int(item[K.POSITIONS].shape[0]) != int(lay.natoms[i]):
+                        raise DataError(data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the store "
+                                        f"was laid out for {int(lay.natoms[i])}: the dataset changed; use --overwrite")
+                    hashes[i - samples.start] = np.int64(_sample_hash(item)).view(np.uint64)
+                batch = _batch_to(Batch.from_data_list(items), dev, teacher_dtype)
+                pred = model.predict(batch, hidden)
+                a = int(lay.atom_start[ids.start]) - lo
+                b = a + int(lay.natoms[ids.start : ids.stop].sum())
+                for k in keys:
+                    rows[k][a:b] = F.to_storage(pred[k], dtypes[k])
+                energy[ids.start - samples.start : ids.stop - samples.start] = (
+                    pred[K.ENERGY].detach().double().cpu().numpy() if has_energy else 0.0
+                )
+                if bar is not None:
+                    bar.update(len(ids))
+            t_fwd += time.perf_counter() - t0
+            settle()
+            pending = (g, pool.submit(write, g, rows, energy, hashes))
+            if delay:
+                settle()
+                time.sleep(delay)
+        settle()
+    finally:
+        if pending is not None:  # an error in a forward: let the write in flight finish cleanly
+            pending[1].exception()
+        pool.shutdown(wait=True)
     if bar is not None:
         bar.close()
 
@@ -467,10 +503,11 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
             "device": str(dev),
             "rank0_seconds_forward": round(t_fwd, 3),
             "rank0_seconds_write": round(t_write, 3),
+            "rank0_seconds_waiting_for_writes": round(t_blocked, 3),
             "rank0_seconds_total": round(total, 3),
         }})
     return ExtractResult(str(out), lay.num_samples, len(todo), time.perf_counter() - t_start, t_fwd, t_write,
-                         bool(status["resumed"]), rank, world_size)
+                         bool(status["resumed"]), rank, world_size, t_blocked)
 
 
 def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden, codec, shard_atoms,

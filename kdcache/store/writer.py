@@ -222,6 +222,40 @@ class StoreWriter:
         return bool(self.attrs.get("complete"))
 
     # --- groups -----------------------------------------------------------------------------
+    @property
+    def _raw_writes(self) -> bool:
+        return self.attrs.get("codec", "none") == "none" and os.environ.get("KDCACHE_STORE_ZARR_WRITES") != "1"
+
+    def _write_raw_shards(self, key: str, lo: int, block: np.ndarray) -> None:
+        """Write whole uncompressed shards as zarr's sharding codec would (chunks back to back,
+        then the index and its CRC32C; tested byte for byte against zarr), without zarr's
+        per-chunk encoding: 2-5x faster, and the file is replaced atomically."""
+        import google_crc32c
+
+        arr = self.root[key]
+        spec = F.shard_spec(arr)
+        if not spec.raw or not spec.index_at_end:
+            raise StoreError(f"{self.path}: {key} is not an uncompressed store with the index at the end")
+        block = np.ascontiguousarray(block, dtype=spec.dtype)
+        n = spec.chunks_per_shard
+        index = np.empty((n, 2), dtype="<u8")
+        index[:, 0] = np.arange(n, dtype=np.uint64) * np.uint64(spec.chunk_nbytes)
+        index[:, 1] = spec.chunk_nbytes
+        index_bytes = index.tobytes()
+        if spec.index_nbytes == len(index_bytes) + 4:
+            index_bytes += np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+        for i in range(block.shape[0] // spec.shard_atoms):
+            shard = lo // spec.shard_atoms + i
+            rel = arr.metadata.encode_chunk_key((shard,) + (0,) * len(spec.row_shape))
+            path = self.path / key / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            data = block[i * spec.shard_atoms : (i + 1) * spec.shard_atoms]
+            with open(tmp, "wb") as f:
+                f.write(memoryview(data).cast("B"))
+                f.write(index_bytes)
+            os.replace(tmp, path)
+
     def _marker(self, g: int) -> Path:
         return self.progress / f"group-{g:08d}.npz"
 
@@ -247,11 +281,13 @@ class StoreWriter:
             block = rows[key]
             if block.shape[0] != hi - lo:
                 raise StoreError(f"group {g}: {key} has {block.shape[0]} rows, expected {hi - lo}")
-            # whole shards: zarr writes them without reading. write_empty_chunks is a run-time
-            # setting (not stored), so it is asked for on every write: all-zero padding chunks
-            # must be written too, for the shard file to be one plain array
-            arr = self.root[key].with_config({"write_empty_chunks": True})
-            arr[lo:hi] = block
+            if self._raw_writes:
+                self._write_raw_shards(key, lo, block)
+            else:
+                # whole shards: zarr writes them without reading. write_empty_chunks is a
+                # run-time setting (not stored), so it is asked for on every write
+                arr = self.root[key].with_config({"write_empty_chunks": True})
+                arr[lo:hi] = block
         if len(energy) != len(samples) or len(sample_hash) != len(samples):
             raise StoreError(f"group {g}: expected {len(samples)} energies and sample hashes")
         _atomic_write_npz(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
@@ -93,13 +94,27 @@ def test_kdcache_round_trip_rebuilds_from_file_alone(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def test_schnet_round_trip(tmp_path):
+def _has_gemnet() -> bool:
+    try:
+        return hasattr(importlib.import_module("kdcache.models.gemnet_oc"), "GemNetOC")
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "preset",
+    ["schnet-tiny", "painn-tiny", pytest.param("gemnet-oc-tiny", marks=pytest.mark.skipif(not _has_gemnet(), reason="no GemNet-OC yet"))],
+)
+def test_round_trip_state_and_config(tmp_path, preset):
     torch.manual_seed(2)
-    model = build_preset("schnet-tiny")
-    loaded = load_checkpoint(save_checkpoint(tmp_path / "s.pt", model))
-    assert loaded.name == "schnet"
-    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.model.state_dict().items()):
-        assert k1 == k2 and torch.equal(v1, v2)
+    model = build_preset(preset)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model))
+    assert loaded.name == model.name and type(loaded.model) is type(model) and loaded.config == model.config
+    a, b = model.state_dict(), loaded.model.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert next(loaded.model.parameters()).dtype == torch.float32  # stored precision kept
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ def test_oc20_parameter_counts_match_the_paper(name, millions):
 
 
 def test_paper_settings():
-    assert preset_config("painn-big")[1] | {} == preset_config("painn-big")[1]
     big, small = preset_config("painn-big")[1], preset_config("painn-small")[1]
     assert (big["hidden_channels"], big["num_layers"], big["num_rbf"], big["cutoff"], big["max_neighbors"]) == (512, 6, 128, 12.0, 50)
     assert (small["hidden_channels"], small["num_layers"]) == (256, 4)
@@ -60,7 +59,7 @@ def test_every_preset_builds_on_meta(name):
     model_name, config = PRESETS[name]
     with torch.device("meta"):
         model = build_preset(name)
-    assert model.name == model_name and model.config == {k: v for k, v in model.config.items()}
+    assert model.name == model_name
     for key, value in config.items():
         if key in model.config:
             assert model.config[key] == value, key

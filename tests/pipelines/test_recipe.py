@@ -39,8 +39,10 @@ def test_defaults_and_resolution():
     assert r.strategies[1].terms == {"v2v": 2.0} and r.strategies[2].strategy_string == "n2n:1,vanilla2:0.5"
     # per-strategy settings override the students' settings, which override the recipe seed
     assert r.student_train(r.strategies[1]) == {"seed": 0, "max_steps": 3, "batch_size": 2, "lr": 1e-3}
-    assert resolve_store_features(r, "gemnet_oc") == ("node", "e2v", "atom_energy")
-    assert resolve_store_features(r, "painn") == ("node", "vector", "atom_energy")
+    # auto: all the teacher can give, so that adding a strategy later keeps the store
+    assert resolve_store_features(r, "gemnet_oc") == ("node", "e2n", "e2v", "atom_energy", "outputs")
+    assert resolve_store_features(r, "painn") == ("node", "vector", "atom_energy", "outputs")
+    assert resolve_store_features(r, None) == ("node", "e2v", "atom_energy")  # unknown teacher: what is read
 
 
 @pytest.mark.parametrize("changes, key, words", [
@@ -92,3 +94,17 @@ def test_env_placeholders_and_yaml_file(tmp_path, monkeypatch):
         load_recipe(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="no such file"):
         load_recipe(tmp_path / "none.yaml")
+
+
+def test_cli_run_refuses_a_bad_recipe_before_running(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    f = tmp_path / "r.yaml"
+    f.write_text("data: {demo: {}}\nteacher: {preset: gemnet-oc-tiny, train: {max_steps: 1}}\n"
+                 "students: {preset: painn-tiny}\nstrategies: [{name: x2y}]\n")
+    res = CliRunner().invoke(app, ["pipeline", "run", str(f), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1
+    assert f"recipe {f}: key 'strategies[0].name': unknown strategy 'x2y'" in res.output
+    assert not (tmp_path / "run").exists()  # nothing ran

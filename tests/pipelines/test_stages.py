@@ -57,3 +57,18 @@ def test_interrupted_stage_resumes_in_place(tmp_path):
     r = run_stage("s", folder, {"a": 1}, resume, log=logs.append)
     assert seen == [True] and not r.skipped and read_stage(folder)["status"] == "done"
     assert any(l.startswith("resume: s") for l in logs)
+
+
+def test_interrupted_stage_that_cannot_resume_starts_clean(tmp_path):
+    folder = tmp_path / "st"
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("s", folder, {"a": 1}, _work([], fail=True), log=[].append, resumable=False)
+    seen, logs = [], []
+
+    def fresh(folder):
+        seen.append((folder / "partial.txt").exists())
+        (folder / "out.txt").write_text("done")
+        return {"result": "out.txt"}
+
+    run_stage("s", folder, {"a": 1}, fresh, log=logs.append, resumable=False)
+    assert seen == [False] and any(l.startswith("restart: s") for l in logs)

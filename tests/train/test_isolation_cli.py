@@ -21,10 +21,11 @@ sys.meta_path.insert(0, Block())
 sys.modules[BLOCKED] = None
 from cli.main import app
 try:
-    app(sys.argv[1:], standalone_mode=False)
+    rc = app(sys.argv[1:], standalone_mode=False)
 finally:
     loaded = sorted(m for m in sys.modules if m.startswith(BLOCKED) and sys.modules[m] is not None)
     print("TEACHER_MODULES", loaded, file=sys.stderr)
+sys.exit(rc if isinstance(rc, int) else 0)
 '''
 
 
