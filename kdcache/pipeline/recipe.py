@@ -226,6 +226,12 @@ class _Checker:
         return value
 
     def typed(self, value, key: str, types, positive: bool = False):
+        if float in _as_tuple(types) and isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string; accept what is clearly a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) and bool not in _as_tuple(types):
             raise self.fail(key, f"expected {_type_names(types)}, got a boolean")
         if not isinstance(value, types):
@@ -293,7 +299,7 @@ def _check_train(c: _Checker, value, key: str) -> dict:
             raise c.fail(f"{key}.{k}", f"unknown training setting; known: {', '.join(sorted(known - set(PIPELINE_OWNED)))}")
         if k in TRAIN_KEYS and v is not None:
             positive = k in {"max_steps", "epochs", "batch_size", "val_batch_size", "lr"}
-            c.typed(v, f"{key}.{k}", TRAIN_KEYS[k], positive=positive)
+            v = c.typed(v, f"{key}.{k}", TRAIN_KEYS[k], positive=positive)
         out[k] = v
     return out
 
@@ -357,7 +363,7 @@ def _check_strategy(c: _Checker, value, key: str) -> StrategySpec:
         if strat not in STRATEGIES:
             skey = f"{key}.terms.{strat}" if "terms" in s else (f"{key}.strategy" if "strategy" in s else f"{key}.name")
             raise c.fail(skey, f"unknown strategy {strat!r}; known: {list(STRATEGIES)}")
-        c.typed(lam, tkey, (int, float))
+        lam = c.typed(lam, tkey, (int, float))
         if lam < 0:
             raise c.fail(tkey, f"lambda must be >= 0, got {lam}")
         out_terms[strat] = float(lam)

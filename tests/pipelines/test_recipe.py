@@ -12,7 +12,7 @@ from kdcache.pipeline.runner import resolve_store_features
 BASE = {
     "data": {"demo": {"num_train": 8}},
     "teacher": {"preset": "gemnet-oc-tiny", "train": {"max_steps": 2}},
-    "students": {"preset": "painn-tiny", "train": {"max_steps": 3, "batch_size": 2}},
+    "students": {"preset": "painn-tiny", "train": {"max_steps": 3, "batch_size": 2, "lr": "1e-3"}},
     "strategies": ["n2n", {"name": "v2v", "lambda": 2, "train": {"lr": 1e-3}},
                    {"name": "mix", "terms": {"n2n": 1, "vanilla2": 0.5}, "loss": "huber"}],
 }
@@ -38,6 +38,8 @@ def test_defaults_and_resolution():
     assert [s.name for s in r.strategies] == ["n2n", "v2v", "mix"]
     assert r.strategies[1].terms == {"v2v": 2.0} and r.strategies[2].strategy_string == "n2n:1,vanilla2:0.5"
     # per-strategy settings override the students' settings, which override the recipe seed
+    # per-strategy settings override the students' settings ("1e-3", a YAML string, is a number)
+    assert r.student_train(None) == {"seed": 0, "max_steps": 3, "batch_size": 2, "lr": 1e-3}
     assert r.student_train(r.strategies[1]) == {"seed": 0, "max_steps": 3, "batch_size": 2, "lr": 1e-3}
     # auto: all the teacher can give, so that adding a strategy later keeps the store
     assert resolve_store_features(r, "gemnet_oc") == ("node", "e2n", "e2v", "atom_energy", "outputs")
@@ -47,6 +49,7 @@ def test_defaults_and_resolution():
 
 @pytest.mark.parametrize("changes, key, words", [
     ({"teacher__train__max_steps": "ten"}, "teacher.train.max_steps", "expected int"),
+    ({"students__train__lr": "fast"}, "students.train.lr", "expected int or float"),
     ({"students__train__bogus": 1}, "students.train.bogus", "unknown training setting"),
     ({"students__train__store": "x"}, "students.train.store", "set by the pipeline"),
     ({"strategies__1__name": "v2v", "strategies__1__lambda": -1}, "strategies[1].lambda", ">= 0"),
