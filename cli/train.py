@@ -38,6 +38,8 @@ def train(
     force_coef: Optional[float] = typer.Option(None, help="Force loss coefficient (100)."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="Random rotations (targets rotate along)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
+    deterministic: Optional[bool] = typer.Option(
+        None, "--deterministic/--no-deterministic", help="Deterministic kernels (default; needed for bit-exact resume)."),
 ):
     """Stage two: train a student against stored teacher targets (the teacher is never loaded).
 
@@ -50,7 +52,8 @@ def train(
                      feature_loss=feature_loss, student_map=student_map, out=out, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, seed=seed, device=device, lr=lr, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, num_workers=num_workers, scheduler=scheduler,
-                     energy_coef=energy_coef, force_coef=force_coef, progress=progress)
+                     energy_coef=energy_coef, force_coef=force_coef, progress=progress,
+                     deterministic=deterministic)
     cfg = TrainConfig.load(config, overrides)
     if rotate is not None:
         others = [a for a in cfg.augment if a != "rotate"]

@@ -82,6 +82,7 @@ def evaluate_model(model, loader, device: torch.device | str | None = None, prog
     was_training = model.training
     model.eval()
     sums = MetricSums()
+    dtype = next(model.parameters()).dtype  # e.g. float64 reference checkpoints
     it = loader
     if progress:
         from tqdm import tqdm
@@ -90,6 +91,9 @@ def evaluate_model(model, loader, device: torch.device | str | None = None, prog
     try:
         for batch in it:
             batch = batch.to(device)
+            for key in (K.POSITIONS, K.CELL):
+                if batch[key].is_floating_point() and batch[key].dtype != dtype:
+                    batch[key] = batch[key].to(dtype)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()

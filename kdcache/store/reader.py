@@ -75,6 +75,8 @@ class FeatureStore:
             self._sorted_rows = order
         self._pid = None
         self._maps: dict[tuple[str, int], np.ndarray] = {}
+        #: (key, shard) -> how it is read: "mmap" (fast path), "chunked" or "zarr"
+        self.map_kinds: dict[tuple[str, int], str] = {}
         self._zarr_root = None
 
     @classmethod
@@ -124,9 +126,6 @@ class FeatureStore:
     def _shard(self, key: str, shard: int) -> np.ndarray:
         """The whole shard ``shard`` of ``key`` as a ``[shard_atoms, *row]`` array (memory-mapped
         when possible). Opened lazily, once per process."""
-        pid = os.getpid()
-        if self._pid != pid:  # fresh process (DataLoader worker): never share maps/handles
-            self._maps, self._zarr_root, self._pid = {}, None, pid
         m = self._maps.get((key, shard))
         if m is not None:
             return m
@@ -139,13 +138,18 @@ class FeatureStore:
             index = F.read_shard_index(str(file), spec)
             offset = F.contiguous_data_offset(index, spec)
             if offset is not None:
-                m = np.memmap(file, dtype=spec.dtype, mode="r", offset=offset, shape=shape)
+                # a plain ndarray view of the map (it keeps the map alive): slicing a np.memmap
+                # subclass costs more than copying a small sample's rows
+                m = np.memmap(file, dtype=spec.dtype, mode="r", offset=offset, shape=shape).view(np.ndarray)
+                self.map_kinds[(key, shard)] = "mmap"
             else:  # raw, but chunks absent or out of order (written by another tool)
                 m = _ChunkedShard(file, index, spec)
+                self.map_kinds[(key, shard)] = "chunked"
         if m is None:  # compressed, or no shard file (all fill value): let zarr decode rows
             if self._zarr_root is None:
                 self._zarr_root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
             m = _ZarrRows(self._zarr_root[key], shard * spec.shard_atoms)
+            self.map_kinds[(key, shard)] = "zarr"
         self._maps[(key, shard)] = m
         return m
 
@@ -155,6 +159,9 @@ class FeatureStore:
         """Like :meth:`read` but addressed by store row."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         keys = self.per_atom_keys if keys is None else tuple(keys)
+        pid = os.getpid()
+        if self._pid != pid:  # fresh process (DataLoader worker): never share maps/handles
+            self._maps, self.map_kinds, self._zarr_root, self._pid = {}, {}, None, pid
         natoms = self.natoms[rows]
         starts = self.atom_start[rows]
         total = int(natoms.sum())
@@ -180,8 +187,12 @@ class FeatureStore:
             shape = (total, *spec.row_shape)
             # gather in the stored precision (a plain memcpy per piece) ...
             buf = np.empty(shape, dtype=spec.dtype if half else np.float32)
+            maps = self._maps
             for s, off, take, d in pieces:
-                buf[d : d + take] = self._shard(key, s)[off : off + take]
+                m = maps.get((key, s))
+                if m is None:
+                    m = self._shard(key, s)
+                buf[d : d + take] = m[off : off + take]
             t = torch.from_numpy(buf.view(np.int16)).view(torch.bfloat16) if bf16 else torch.from_numpy(buf)
             # ... then widen with torch's vectorised copy (numpy's float16 cast is ~10x slower);
             # the float32 buffer comes from numpy, whose allocator reuses warm pages
@@ -223,7 +234,7 @@ class FeatureStore:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"], state["_zarr_root"], state["_pid"] = {}, None, None
+        state["_maps"], state["map_kinds"], state["_zarr_root"], state["_pid"] = {}, {}, None, None
         return state
 
     def __repr__(self) -> str:

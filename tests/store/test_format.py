@@ -90,7 +90,7 @@ def test_round_trip_equals_written_values(tmp_path, dtype):
     assert out[K.NATOMS].dtype == torch.long
     np.testing.assert_array_equal(out["sample_hash"].numpy().view(np.uint64), hashes[idx])
     # uncompressed shards are served from memory maps
-    assert all(isinstance(m, np.memmap) for m in store._maps.values())
+    assert set(store.map_kinds.values()) == {"mmap"}
 
 
 def test_compressed_store_reads_the_same_through_zarr(tmp_path):
@@ -99,7 +99,7 @@ def test_compressed_store_reads_the_same_through_zarr(tmp_path):
     out = store.read([4, 1])
     want = np.concatenate([values[K.E2V][cum[i] : cum[i + 1]] for i in (4, 1)]).astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(out[K.E2V].numpy(), want)
-    assert not any(isinstance(m, np.memmap) for m in store._maps.values())
+    assert set(store.map_kinds.values()) == {"zarr"}
 
 
 def test_plain_zarr_reading_example(tmp_path):
@@ -179,7 +179,7 @@ def test_shard_with_absent_chunks_reads_as_zeros(tmp_path):
     out = store.read_rows(rows, keys=[K.NODE])
     want = np.concatenate([block[store.atom_start[r] - lo : store.atom_start[r] - lo + store.natoms[r]] for r in rows])
     np.testing.assert_array_equal(out[K.NODE].numpy(), want)
-    assert type(store._maps[(K.NODE, 1)]).__name__ == "_ChunkedShard"
+    assert store.map_kinds[(K.NODE, 1)] == "chunked"
 
 
 def test_raw_shard_writer_matches_zarr_byte_for_byte(tmp_path, monkeypatch):
@@ -195,3 +195,25 @@ def test_raw_shard_writer_matches_zarr_byte_for_byte(tmp_path, monkeypatch):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     # and plain zarr decodes them (CRC of the index checked)
     np.testing.assert_array_equal(zarr.open_group(str(a), mode="r")[K.E2V][:], zarr.open_group(str(b), mode="r")[K.E2V][:])
+
+
+class _Targets(torch.utils.data.Dataset):
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self):
+        return self.store.num_samples
+
+    def __getitem__(self, i):
+        return self.store.read([i])[K.E2V]
+
+
+def test_dataloader_workers_read_the_same(tmp_path):
+    _write_synthetic(tmp_path / "s.zarr", "float16")
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    store.read([0, 5])  # maps opened in the parent must not leak into workers
+    want = [store.read([i])[K.E2V] for i in range(store.num_samples)]
+    loader = torch.utils.data.DataLoader(_Targets(store), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork")
+    got = list(loader)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)

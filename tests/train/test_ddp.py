@@ -12,7 +12,7 @@ import torch
 def test_two_process_ddp(tmp_path, demo, store_path):
     script = Path(__file__).with_name("ddp_script.py")
     out, weights = tmp_path / "run", tmp_path / "weights"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            str(script), str(demo["train"]), str(demo["val"]), str(store_path), str(out), str(weights)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                               "OMP_NUM_THREADS": "1"})
