@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ def build(path: Path, atoms: int, dtype: str, codec: str, shard_atoms: int, chun
 
 
 def flat_copy(store: FeatureStore, out_dir: Path) -> dict[str, np.memmap]:
-    """The same stored bytes as one flat raw file per array (no padding, no index)."""
+    """The same stored bytes as one flat raw file per array (no padding, no index), as torch
+    views of np.memmap."""
     maps = {}
     total = int(store.natoms.sum())
     for k in store.per_atom_keys:
@@ -72,28 +74,27 @@ def flat_copy(store: FeatureStore, out_dir: Path) -> dict[str, np.memmap]:
             m[o : o + n] = store._shard(k, s)[off : off + n]
             o += n
         m.flush()
-        maps[k] = np.memmap(out_dir / f"{k}.raw", dtype=spec.dtype, mode="r", shape=(total, *spec.row_shape))
+        view = np.memmap(out_dir / f"{k}.raw", dtype=spec.dtype, mode="r", shape=(total, *spec.row_shape)).view(np.ndarray)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bf16 = store.dtypes.get(k) == "bfloat16"
+            maps[k] = torch.from_numpy(view.view(np.int16)).view(torch.bfloat16) if bf16 else torch.from_numpy(view)
     return maps
 
 
 def memmap_read(maps, starts, natoms, rows, bf16: set[str]):
-    """The baseline: gather rows of flat memmaps into float32 tensors, the same work as the store
-    (a memcpy per sample in the stored precision, then one vectorised widening to float32)."""
+    """The baseline: the same bytes as flat memmaps, gathered the same way as the store (torch
+    copies each sample's rows straight into a float32 output, widening on the fly)."""
     out = {}
     n = natoms[rows]
     total = int(n.sum())
-    for k, m in maps.items():
-        buf = np.empty((total, *m.shape[1:]), dtype=m.dtype)
+    for k, t in maps.items():
+        wide = torch.from_numpy(np.empty((total, *t.shape[1:]), dtype=np.float32))
         o = 0
         for a, c in zip(starts[rows].tolist(), n.tolist()):
-            buf[o : o + c] = m[a : a + c]
+            wide[o : o + c].copy_(t[a : a + c])
             o += c
-        t = torch.from_numpy(buf.view(np.int16)).view(torch.bfloat16) if k in bf16 else torch.from_numpy(buf)
-        if t.dtype != torch.float32:
-            wide = torch.from_numpy(np.empty(buf.shape, dtype=np.float32))
-            wide.copy_(t)
-            t = wide
-        out[k] = t
+        out[k] = wide
     return out
 
 

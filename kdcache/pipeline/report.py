@@ -27,6 +27,10 @@ METRICS = (
 )
 _SCALE = {"efwt": 100.0}
 GAP_METRICS = tuple(m[0] for m in METRICS)
+#: metrics where a larger value is better (the others are errors)
+HIGHER_IS_BETTER = ("force_cos", "efwt")
+NO_GAP_NOTE = ("n/a: the teacher is not better than the baseline on this metric, so there is no gap "
+               "to close (train the teacher longer, or the students less).")
 THROUGHPUT = ("samples_per_s", "Throughput", "samples/s", 1)
 
 
@@ -51,10 +55,17 @@ class Row:
     gap: dict = field(default_factory=dict)
 
 
-def gap_closed(baseline: float, distilled: float, teacher: float) -> float:
-    """(baseline - distilled) / (baseline - teacher); nan when teacher and baseline tie."""
+def gap_closed(baseline: float, distilled: float, teacher: float, higher_is_better: bool = False) -> float:
+    """(baseline - distilled) / (baseline - teacher).
+
+    ``nan`` when there is no gap: the teacher ties with the baseline or is worse than it (a ratio
+    would then be large or negative for a student that is worse than the baseline).
+    """
     den = baseline - teacher
     if not all(map(math.isfinite, (baseline, distilled, teacher))) or abs(den) < 1e-12 * max(1.0, abs(baseline)):
+        return float("nan")
+    teacher_better = teacher > baseline if higher_is_better else teacher < baseline
+    if not teacher_better:
         return float("nan")
     return (baseline - distilled) / den
 
@@ -69,7 +80,8 @@ def add_gaps(rows: list[Row]) -> list[Row]:
             continue
         for m in GAP_METRICS:
             if m in r.metrics and m in teacher.metrics and m in baseline.metrics:
-                r.gap[m] = gap_closed(float(baseline.metrics[m]), float(r.metrics[m]), float(teacher.metrics[m]))
+                r.gap[m] = gap_closed(float(baseline.metrics[m]), float(r.metrics[m]), float(teacher.metrics[m]),
+                                      higher_is_better=m in HIGHER_IS_BETTER)
     return rows
 
 
@@ -83,9 +95,15 @@ def _fmt(v, digits: int, key: str = "") -> str:
 
 
 def _fmt_pct(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None:
         return "–"
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
     return f"{100 * v:+.1f}%"
+
+
+def has_no_gap(rows: list[Row]) -> bool:
+    return any(isinstance(v, float) and math.isnan(v) for r in rows if r.kind == "distilled" for v in r.gap.values())
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -116,6 +134,8 @@ def gap_table_text(rows: list[Row], title: str = "") -> str:
         vals += [_fmt(r.metrics.get("samples_per_s"), 1)]
         vals += [_fmt_pct(r.gap.get(k)) if r.kind == "distilled" else "" for k in GAP_METRICS]
         out.append("  ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols)))
+    if has_no_gap(rows):
+        out.append(NO_GAP_NOTE)
     return "\n".join(out)
 
 
@@ -154,6 +174,8 @@ def write_markdown(rows: list[Row], path: str | Path, title: str, intro: str = "
         markdown_table(rows),
         "",
     ]
+    if has_no_gap(rows):
+        parts += [NO_GAP_NOTE, ""]
     if extra:
         parts += [extra, ""]
     for caption, file in (plots or {}).items():

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from kdcache import keys as K
 from kdcache.errors import StoreError
 from kdcache.store import format as F
 from kdcache.store.reader import FeatureStore

@@ -72,7 +72,8 @@ class JoinedDataset(Dataset):
         store_keys: store keys to attach (per-atom ones and per-sample ``energy``).
         augment: augmentations (``rotate`` only; others are refused).
         seed: seed of the augmentation randomness.
-        check_hash: compare the store's ``sample_hash`` with the structure's when available.
+        check_hash: compare the store's ``sample_hash`` with the structure's (during the first
+            epoch: by then every sample has been checked once; later epochs skip the cost).
     """
 
     def __init__(self, dataset, store=None, store_keys: Sequence[str] = (), augment: Sequence[str] = (),
@@ -131,7 +132,7 @@ class JoinedDataset(Dataset):
                     raise DataError(self._where(), g, K.NATOMS,
                                     f"structure has {n} atoms but the store holds targets for {m}; "
                                     "the store was made from another dataset")
-        if self._hash_fn is not None and "sample_hash" in got:
+        if self._hash_fn is not None and self.epoch == 0 and "sample_hash" in got:
             for s, g, h in zip(samples, glob, got["sample_hash"].tolist()):
                 mine = int(self._hash_fn(s))
                 if mine >= 1 << 63:  # the store keeps uint64 hashes as int64

@@ -177,6 +177,8 @@ class Trainer:
             mean, std = 0.0, 1.0
         elif cfg.energy_mean is not None and cfg.energy_std is not None:
             mean, std = float(cfg.energy_mean), float(cfg.energy_std)
+        elif (self.out / LAST).exists():
+            mean, std = 0.0, 1.0  # a resumed run restores the normaliser from last.pt
         else:
             mean, std = label_statistics(self.train_dataset, seed=cfg.seed)
         student.normalizer.energy_mean.fill_(mean)

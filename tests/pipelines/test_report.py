@@ -31,6 +31,10 @@ def test_gap_closed_values():
     assert e2n.gap["energy_mae"] == pytest.approx(-0.2)      # worse than the baseline: negative
     assert e2n.gap["force_mae"] == pytest.approx(0.0)
     assert math.isnan(R.gap_closed(1.0, 0.5, 1.0))          # teacher == baseline: undefined
+    # a teacher worse than the baseline leaves no gap to close (not a misleading ratio)
+    assert math.isnan(R.gap_closed(100.0, 150.0, 120.0))
+    assert math.isnan(R.gap_closed(0.6, 0.7, 0.5, higher_is_better=True))
+    assert R.gap_closed(0.6, 0.7, 0.8, higher_is_better=True) == pytest.approx(0.5)
 
 
 def test_markdown_csv_and_terminal_table(tmp_path):
@@ -66,3 +70,14 @@ def test_read_curve_and_plots(tmp_path):
     for f in ("c.png", "p.png", "k.png"):
         data = (tmp_path / f).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_teacher_worse_than_baseline_is_flagged(tmp_path):
+    rows = _rows()
+    rows[0].metrics["energy_mae"] = 250.0  # the teacher loses to the baseline on energies
+    R.add_gaps(rows)
+    assert math.isnan(rows[2].gap["energy_mae"]) and rows[2].gap["force_mae"] == pytest.approx(0.25)
+    text = R.gap_table_text(rows)
+    assert "n/a" in text and R.NO_GAP_NOTE in text
+    R.write_markdown(rows, tmp_path / "r.md", "Report")
+    assert R.NO_GAP_NOTE in (tmp_path / "r.md").read_text()

@@ -97,15 +97,16 @@ def test_mismatch_refused_unless_overwrite(painn_ref_store, mol_lmdb, other_lmdb
     with pytest.raises(StoreError, match="different settings.*batch_size"):
         extract(mol_lmdb, out, checkpoint=str(load_painn_path(painn_ref_store)), progress=False,
                 **{**PAINN_ARGS, "batch_size": 5})
-    # same files/sizes/count is not enough: the dataset fingerprint differs only if sizes differ,
-    # so opening against other data is caught by `verify`'s per-sample hashes
+    # other structures in a file of the same name, size and count pass the cheap fingerprint
+    # check at open; `verify` compares every sample's hash and finds them all different
     ds_other = open_data(other_lmdb)
-    FeatureStore.open(out, dataset=open_data(mol_lmdb))
+    assert ds_other.fingerprint() == open_data(mol_lmdb).fingerprint()
+    FeatureStore.open(out, dataset=ds_other)
     from kdcache.store.verify import verify_store
 
     rep = verify_store(out, ds_other)
-    if rep.fingerprint_ok:
-        assert rep.hash_mismatches and not rep.ok
+    assert rep.fingerprint_ok and rep.hash_mismatches == list(range(14)) and not rep.ok
+    assert "14 DIFFER" in "\n".join(rep.lines())
     assert verify_store(out, open_data(mol_lmdb)).ok
     # --overwrite replaces it
     extract(mol_lmdb, out, teacher="schnet-tiny", limit=3, overwrite=True, progress=False, **LAYOUT)

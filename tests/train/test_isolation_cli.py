@@ -70,3 +70,45 @@ def test_cli_refuses_with_a_message(tmp_path, demo):
     assert res.returncode == 1
     assert "error:" in res.stderr and "--store" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, demo, store_path):
+    """SIGKILL a `kdcache train` process mid-run, re-run the same command: same final weights."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    def command(out):
+        return [sys.executable, "-m", "cli.main", "train", "--student", H.STUDENT, "--data", str(demo["train"]),
+                "--store", str(store_path), "--strategy", "v2v:10,vanilla1:1", "--max-steps", "6",
+                "--batch-size", "2", "--checkpoint-every", "1", "--lr", "2e-3", "--out", str(out), "--no-progress"]
+
+    config = tmp_path / "tiny.yaml"  # the tiny student's settings
+    config.write_text(yaml.safe_dump({"student_overrides": H.STUDENT_OVERRIDES}))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert subprocess.run(command(full) + ["--config", str(config)], capture_output=True, timeout=600).returncode == 0
+
+    proc = subprocess.Popen(command(killed) + ["--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (killed / "last.pt").exists():
+            try:
+                step = torch.load(killed / "last.pt", weights_only=True)["extra"]["trainer_state"]["step"]
+            except Exception:
+                step = 0
+            if step >= 2:
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "last.pt", weights_only=True)["extra"]["trainer_state"]
+    assert 2 <= state["step"] < 6
+    assert subprocess.run(command(killed) + ["--config", str(config)], capture_output=True, timeout=600).returncode == 0
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    assert b["extra"]["trainer_state"]["step"] == 6
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k

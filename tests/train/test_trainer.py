@@ -25,9 +25,9 @@ def _config(tmp_path, name, **kw):
 
 @pytest.mark.parametrize("strategy", ["n2n", "e2n", "v2v", "vanilla1", "vanilla2"])
 def test_each_strategy_lowers_its_own_loss(tmp_path, strategy, train_set, store):
-    cfg = _config(tmp_path, strategy, strategy=f"{strategy}:10", max_steps=6)
+    cfg = _config(tmp_path, strategy, strategy=f"{strategy}:100", max_steps=6, batch_size=2)
     trainer = Trainer(cfg, train_dataset=train_set, store=store)
-    batch = collate(trainer.train_joined.__getitems__([0, 1, 2, 3]))
+    batch = collate(trainer.train_joined.__getitems__([0, 1, 2, 3]))  # seen and unseen samples
     with torch.no_grad():
         before = trainer.objective(batch)[strategy].item()
     result = trainer.fit()
