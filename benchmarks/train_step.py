@@ -104,11 +104,14 @@ def main(argv=None) -> dict:
     plain_ds = JoinedDataset(dataset)
     cached_ds = JoinedDataset(dataset, store, (store_key,))
     sampler = LocalBatchSampler(len(dataset), args.batch_size, shuffle=True, seed=0, drop_last=True)
-    batches = [b for b in sampler][: args.warmup + args.steps]
+    batches: list[tuple[int, list[int]]] = []  # (epoch, indices)
+    epoch = 0
     while len(batches) < args.warmup + args.steps:  # more epochs if the data are few
-        batches += [b for b in sampler][: args.warmup + args.steps - len(batches)]
+        sampler.set_epoch(epoch)
+        batches += [(epoch, b) for b in sampler][: args.warmup + args.steps - len(batches)]
+        epoch += 1
 
-    probe = collate(cached_ds.__getitems__(batches[0])).to(device)
+    probe = collate(cached_ds.__getitems__(batches[0][1])).to(device)
     d_t = probe[target_key(store_key)].shape[-1]
     ways = [Way("plain", args, store_key, d_t, probe, device, "none"),
             Way("cached", args, store_key, d_t, probe, device, "v2v"),
@@ -119,7 +122,8 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for i, idx in enumerate(batches):
+    for i, (epoch, idx) in enumerate(batches):
+        cached_ds.set_epoch(epoch)  # as the trainer: structure hashes are checked in epoch 0
         order = ways[i % 3:] + ways[: i % 3]
         for way in order:
             sync()

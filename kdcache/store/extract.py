@@ -408,6 +408,9 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
     lay = writer.layout
     if writer.complete:
         if rank == 0:
+            import shutil
+
+            shutil.rmtree(writer.progress, ignore_errors=True)  # left by a kill right after finishing
             print(f"{out}: already complete ({lay.num_samples} samples); nothing to do", file=sys.stderr)
         return ExtractResult(str(out), lay.num_samples, 0, time.perf_counter() - t_start, 0.0, 0.0, True, rank, world_size)
 
