@@ -389,7 +389,8 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         self.objective.train()
-        last_saved = self.step if resumed else -1
+        # a resumed run that had already finished has nothing left to do
+        last_validated = self.step if resumed else -1
         try:
             while self.step < self.total_steps:
                 self.sampler.set_epoch(self.epoch)
@@ -411,19 +412,20 @@ class Trainer:
                         bar.set_postfix(loss=f"{parts['loss']:.4g}", epoch=self.epoch)
                     if stop_after_steps is not None and done_here >= stop_after_steps:
                         return {"stopped": True, "step": self.step}
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    if self.step >= self.total_steps:
+                        pass  # the final validation + checkpoint come after the loop
+                    elif cfg.eval_every and self.step % cfg.eval_every == 0:
                         self._checkpoint_point()
-                        last_saved = self.step
+                        last_validated = self.step
                     elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save()
-                        last_saved = self.step
                     if self.step >= self.total_steps:
                         finished_epoch = self.batch_in_epoch >= self.steps_per_epoch
                         break
                 if finished_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
-            if last_saved != self.step:
+            if last_validated != self.step:
                 self._checkpoint_point()
         finally:
             if bar is not None:
