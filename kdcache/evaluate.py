@@ -50,12 +50,24 @@ class MetricSums:
         # worst free-atom force component per structure (structures without free atoms: 0)
         worst = torch.zeros(de.numel(), dtype=df.dtype, device=df.device)
         if dff.numel():
-            worst = worst.index_reduce_(0, batch_index[free], dff.abs().amax(dim=-1), "amax", include_self=True)
+            worst = worst.scatter_reduce_(0, batch_index[free], dff.abs().amax(dim=-1), reduce="amax", include_self=True)
         self.within += int(((de < EFWT_ENERGY) & (worst < EFWT_FORCE)).sum())
 
     def merge(self, other: "MetricSums") -> None:
         for k, v in vars(other).items():
             setattr(self, k, getattr(self, k) + v)
+
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum the counts of every process (distributed validation on shards)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        names = sorted(vars(self))
+        t = torch.tensor([float(getattr(self, n)) for n in names], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        for n, v in zip(names, t.tolist()):
+            setattr(self, n, int(round(v)) if isinstance(getattr(self, n), int) else v)
 
     def result(self) -> dict[str, float]:
         s, a = max(self.structures, 1), max(self.free_atoms, 1)

@@ -102,6 +102,7 @@ TRAIN_KEYS: dict[str, type | tuple[type, ...]] = {
     "augment": list,
     "window": int,
     "progress": bool,
+    "deterministic": bool,
 }
 #: trainer settings the pipeline itself sets (from data/store/strategies/out/device)
 PIPELINE_OWNED = ("student", "student_overrides", "data", "val", "store", "strategy", "lambda", "lambda_",

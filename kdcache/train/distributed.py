@@ -17,6 +17,8 @@ def setup(device: torch.device) -> tuple[int, int]:
     """Join the process group when started by torchrun (NCCL on GPUs, gloo on CPU)."""
     rank, world, _ = env_world()
     if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each process to its own GPU
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world
 

@@ -262,20 +262,24 @@ class Trainer:
 
     # --- validation & logs -----------------------------------------------------------------
     def validate(self) -> dict[str, float]:
+        """Metrics of the EMA weights on the validation set; each process takes a shard and the
+        counts are summed, so no process idles (or times out) while another validates."""
         from kdcache.evaluate import evaluate_model
         from kdcache.train.data import collate
 
         if self.val_dataset is None:
             return {}
-        result: dict = {}
-        if self.is_main:
-            loader = torch.utils.data.DataLoader(self.val_dataset, batch_size=self.cfg.val_batch_size or self.cfg.batch_size,
-                                                 shuffle=False, collate_fn=collate, num_workers=self.cfg.num_workers)
-            with self._averaged():
-                result = evaluate_model(self.student, loader, self.device).result()
-            std = float(self.student.normalizer.energy_std)
-            result["loss"] = (self.cfg.energy_coef * result["energy_mae"] + self.cfg.force_coef * result["force_l2mae"]) / (1000.0 * std)
-        result = D.broadcast_object(result)
+        shard = self.val_dataset
+        if self.world > 1:
+            shard = torch.utils.data.Subset(self.val_dataset, range(self.rank, len(self.val_dataset), self.world))
+        loader = torch.utils.data.DataLoader(shard, batch_size=self.cfg.val_batch_size or self.cfg.batch_size,
+                                             shuffle=False, collate_fn=collate, num_workers=self.cfg.num_workers)
+        with self._averaged():
+            sums = evaluate_model(self.student, loader, self.device)
+        sums.all_reduce(self.device)
+        result = sums.result()
+        std = float(self.student.normalizer.energy_std)
+        result["loss"] = (self.cfg.energy_coef * result["energy_mae"] + self.cfg.force_coef * result["force_l2mae"]) / (1000.0 * std)
         self.schedule.on_validation(result["loss"])
         return result
 

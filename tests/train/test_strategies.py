@@ -136,3 +136,50 @@ def test_v2v_loss_unchanged_when_batch_and_targets_rotate(train_set, store):
     assert l0["v2v"].item() > 0
     for name in ("v2v", "energy", "forces", "loss"):
         assert l1[name].item() == pytest.approx(l0[name].item(), rel=1e-8, abs=1e-12), name
+
+
+class _Stub(torch.nn.Module):
+    """A 'student' whose raw outputs are set by the test (with a real Normalizer)."""
+
+    available_features = (K.NODE,)
+
+    def __init__(self, out, mean, std):
+        super().__init__()
+        from kdcache.models.base import Normalizer
+
+        self.out = out
+        self.normalizer = Normalizer(mean, std)
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, batch, features=()):
+        return {k: v * self.w for k, v in self.out.items()}
+
+
+def test_teacher_labels_go_through_the_students_normalisation():
+    """vanilla1/vanilla2 targets are physical (eV, eV/Å); the loss compares them in raw units."""
+    from torch_geometric.data import Data
+
+    mean, std = -10.0, 2.0
+    natoms = torch.tensor([2, 1])
+    t_energy = torch.tensor([-12.0, -6.0])  # eV
+    t_forces = torch.tensor([[2.0, 0, 0], [0, 4.0, 0], [0, 0, 6.0]])  # eV/Å
+    t_atom = torch.tensor([-7.0, -5.0, -6.0])  # eV, sums to the energies
+    batch = Data(natoms=natoms, batch=torch.tensor([0, 0, 1]), energy=t_energy, forces=t_forces,
+                 fixed=torch.tensor([False, False, True]))
+    batch[target_key(K.ENERGY)], batch[target_key(K.FORCES)] = t_energy, t_forces
+    batch[target_key(K.ATOM_ENERGY)] = t_atom
+    raw = {K.ENERGY: (t_energy - mean) / std, K.FORCES: t_forces / std,
+           K.ATOM_ENERGY: (t_atom - mean / natoms[batch.batch]) / std}
+    terms = parse_strategy("vanilla1,vanilla2")
+    keys = {"vanilla1": (K.ENERGY, K.FORCES), "vanilla2": (K.ATOM_ENERGY,)}
+    parts = DistillationObjective(_Stub(raw, mean, std), terms, keys)(batch)
+    for name in ("energy", "forces", "vanilla1", "vanilla2"):
+        assert parts[name].item() == pytest.approx(0.0, abs=1e-6), name
+    # wrong forces on the fixed atom only: no force loss; on a free atom: L2 error / std, averaged
+    off = dict(raw)
+    off[K.FORCES] = raw[K.FORCES] + torch.tensor([[0, 0, 0], [0, 0, 0], [9.0, 0, 0]])
+    assert DistillationObjective(_Stub(off, mean, std), terms, keys)(batch)["vanilla1"].item() == pytest.approx(0.0, abs=1e-6)
+    off[K.FORCES] = raw[K.FORCES] + torch.tensor([[3.0, 4.0, 0], [0, 0, 0], [0, 0, 0]])
+    parts = DistillationObjective(_Stub(off, mean, std), terms, keys, force_coef=100.0)(batch)
+    assert parts["vanilla1"].item() == pytest.approx(100.0 * 5.0 / 2)
+    assert parts["forces"].item() == pytest.approx(5.0 / 2)
