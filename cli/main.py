@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from kdcache.runtime import set_cpu_threads
+
 from cli import data as data_cli
 from cli import pipeline as pipeline_cli
 from cli import store as store_cli
@@ -19,6 +21,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _global_options(
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        envvar="KDCACHE_THREADS",
+        help="CPU threads for torch (default: OMP_NUM_THREADS when set, else half the cores).",
+    ),
+) -> None:
+    set_cpu_threads(threads)
+
+
 app.add_typer(data_cli.app, name="data")
 app.command("extract")(store_cli.extract)
 app.add_typer(store_cli.app, name="store")
