@@ -533,7 +533,10 @@ def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, m
     probe = model.predict(_batch_to(Batch.from_data_list([dataset[0]]), dev, teacher_dtype), hidden)
     row_shapes = {k: tuple(probe[k].shape[1:]) for k in keys}
     natoms = dataset_natoms(dataset, n, progress=progress)
-    layout = F.Layout.plan(natoms, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms)
+    # A dataset smaller than one shard gets one shard of its own size: padding a few thousand
+    # atoms out to 64 k would make small stores mostly zeros on disk.
+    needed = -(-int(np.sum(natoms)) // chunk_atoms) * chunk_atoms
+    layout = F.Layout.plan(natoms, shard_atoms=min(shard_atoms, max(needed, chunk_atoms)), chunk_atoms=chunk_atoms)
     sample_index = np.arange(n, dtype=np.int64)
     provenance = {
         "teacher": teacher.describe(),
