@@ -123,7 +123,11 @@ class JoinedDataset(Dataset):
         glob = [int(s[K.SAMPLE_INDEX].reshape(-1)[0]) if getattr(s, K.SAMPLE_INDEX, None) is not None else i
                 for s, i in zip(samples, indices)]
         per_atom = [k for k in self.store_keys if k not in PER_SAMPLE_TARGETS]
-        got = self.store.read(glob, keys=per_atom)
+        # Hidden features stay in their stored precision (float16 reads ~2.5x faster and moves half
+        # the bytes to the GPU); the objective casts them to the student's dtype. A rotation needs
+        # them in float32 first.
+        read_dtype = torch.float32 if "rotate" in self.augment else None
+        got = self.store.read(glob, keys=per_atom, dtype=read_dtype)
         natoms = [int(s[K.POSITIONS].shape[0]) for s in samples]
         if K.NATOMS in got:
             stored = [int(n) for n in got[K.NATOMS].tolist()]
