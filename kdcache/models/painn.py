@@ -24,51 +24,19 @@ from torch import nn
 
 from kdcache import keys as K
 from kdcache.models.base import PotentialModel
+# shared, model-neutral building blocks (never from the teacher's package: students must not
+# import kdcache.models.gemnet_oc); re-exported here for existing imports (e.g. SchNet)
+from kdcache.models.radial import (  # noqa: F401
+    ExponentialEnvelope,
+    GaussianBasis,
+    PolynomialEnvelope,
+    RadialBasis,
+)
+from kdcache.models.scaling import ScaleFactor, ScaledSiLU  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # small building blocks
 # ---------------------------------------------------------------------------------------------
-
-
-class ScaledSiLU(nn.Module):
-    """SiLU divided by 0.6, which keeps the activations' variance close to one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale_factor = 1 / 0.6
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.silu(x) * self.scale_factor
-
-
-class ScaleFactor(nn.Module):
-    """A fitted constant multiplying a layer's output (identity while it is still zero).
-
-    Stored as a parameter with ``requires_grad=False`` — as in the reference — so it travels in
-    the state dict under ``<name>.scale_factor`` but is neither trained nor part of the EMA.
-
-    Args:
-        name: key of this factor in a scale file (None: its module path is used).
-    """
-
-    def __init__(self, name: str | None = None) -> None:
-        super().__init__()
-        self.name = name
-        self.scale_factor = nn.Parameter(torch.tensor(0.0), requires_grad=False)
-
-    @property
-    def fitted(self) -> bool:
-        return bool(self.scale_factor.detach().cpu() != 0.0)
-
-    @torch.no_grad()
-    def set_(self, value: float | torch.Tensor) -> None:
-        self.scale_factor.fill_(float(value))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # An unfitted factor (0) means "no scaling", not "multiply by zero". Decided on the
-        # device (no host sync on CUDA); x * 1 is exact, so this equals the reference's branch.
-        sf = self.scale_factor.to(x.dtype)
-        return x * torch.where(sf != 0, sf, torch.ones_like(sf))
 
 
 class AtomEmbedding(nn.Module):
@@ -86,95 +54,6 @@ class AtomEmbedding(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.embeddings(z - 1)
-
-
-class GaussianBasis(nn.Module):
-    """Gaussians with centres evenly spaced on [start, stop] and width = their spacing.
-
-    The width constant is computed in float64 whatever the default dtype (the reference
-    outputs were made that way; float64 parity to 1e-8 needs the very same number).
-
-    Args:
-        start: first centre.
-        stop: last centre.
-        num_gaussians: number of basis functions.
-    """
-
-    def __init__(self, start: float = 0.0, stop: float = 1.0, num_gaussians: int = 50) -> None:
-        super().__init__()
-        # explicit CPU: also works while building on the meta device (parameter counting)
-        centres = torch.linspace(start, stop, num_gaussians, dtype=torch.float64, device="cpu")
-        self.coeff = -0.5 / (centres[1] - centres[0]).item() ** 2
-        self.register_buffer("offset", centres.to(torch.get_default_dtype()))
-
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
-        diff = d[:, None] - self.offset.to(d.dtype)[None, :]
-        return torch.exp(self.coeff * diff * diff)
-
-
-class PolynomialEnvelope(nn.Module):
-    """Smooth cutoff 1 + a·u^p + b·u^(p+1) + c·u^(p+2) on u = d / cutoff < 1, zero beyond.
-
-    Args:
-        exponent: p.
-    """
-
-    def __init__(self, exponent: int = 5) -> None:
-        super().__init__()
-        if exponent <= 0:
-            raise ValueError("envelope exponent must be positive")
-        p = float(exponent)
-        self.p = p
-        self.a = -(p + 1) * (p + 2) / 2
-        self.b = p * (p + 2)
-        self.c = -p * (p + 1) / 2
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        up = u**self.p
-        val = 1 + self.a * up + self.b * up * u + self.c * up * u * u
-        return torch.where(u < 1, val, torch.zeros_like(u))
-
-
-class ExponentialEnvelope(nn.Module):
-    """exp(-u² / ((1 - u)(1 + u))) on u < 1 (Unke et al. 2021), zero beyond."""
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        inside = u < 1
-        safe = torch.where(inside, u, torch.zeros_like(u))
-        val = torch.exp(-(safe**2) / ((1 - safe) * (1 + safe)))
-        return torch.where(inside, val, torch.zeros_like(u))
-
-
-class RadialBasis(nn.Module):
-    """Radial basis on d / cutoff times an envelope: ``[E] -> [E, num_radial]``.
-
-    Args:
-        num_radial: number of basis functions.
-        cutoff: cutoff radius (Å).
-        rbf: ``{"name": "gaussian", ...}`` (only Gaussians, as PaiNN in OC20 uses).
-        envelope: ``{"name": "polynomial", "exponent": p}`` or ``{"name": "exponential"}``.
-    """
-
-    def __init__(self, num_radial: int, cutoff: float, rbf: dict | None = None, envelope: dict | None = None) -> None:
-        super().__init__()
-        rbf = dict(rbf or {"name": "gaussian"})
-        envelope = dict(envelope or {"name": "polynomial", "exponent": 5})
-        self.inv_cutoff = 1 / cutoff
-        env_name = envelope.pop("name").lower()
-        if env_name == "polynomial":
-            self.envelope = PolynomialEnvelope(**envelope)
-        elif env_name == "exponential":
-            self.envelope = ExponentialEnvelope(**envelope)
-        else:
-            raise ValueError(f"unknown envelope {env_name!r} (polynomial, exponential)")
-        rbf_name = rbf.pop("name").lower()
-        if rbf_name != "gaussian":
-            raise ValueError(f"unsupported radial basis {rbf_name!r} for PaiNN (gaussian)")
-        self.rbf = GaussianBasis(0.0, 1.0, num_radial, **rbf)
-
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
-        u = d * self.inv_cutoff
-        return self.envelope(u)[:, None] * self.rbf(u)
 
 
 def mlp2(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:

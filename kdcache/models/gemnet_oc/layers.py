@@ -12,6 +12,9 @@ import math
 import torch
 from torch import nn
 
+# shared with the students; re-exported here for the blocks of this package
+from kdcache.models.scaling import ScaleFactor, ScaledSiLU  # noqa: F401
+
 
 # --------------------------------------------------------------------------------------------
 # initialisation
@@ -44,13 +47,6 @@ def get_initializer(name: str):
 # --------------------------------------------------------------------------------------------
 # dense and residual layers
 # --------------------------------------------------------------------------------------------
-class ScaledSiLU(nn.Module):
-    """SiLU divided by 0.6, which keeps unit-variance inputs near unit variance."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.silu(x) * (1 / 0.6)
-
-
 def make_activation(activation: str | None) -> nn.Module:
     if activation is None:
         return nn.Identity()
@@ -99,26 +95,6 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.dense_mlp(x)) * (1 / math.sqrt(2))
-
-
-class ScaleFactor(nn.Module):
-    """A fitted constant that keeps activations at unit variance (0 = not fitted = identity).
-
-    Stored as a non-trainable parameter named ``scale_factor`` so Open Catalyst checkpoints (and
-    their EMA, which skips it) load unchanged.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale_factor = nn.Parameter(torch.tensor(0.0), requires_grad=False)
-
-    @property
-    def fitted(self) -> bool:
-        return bool(self.scale_factor != 0)
-
-    def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
-        # ``ref`` is the tensor whose variance the factor was fitted against; unused at inference
-        return x * self.scale_factor if self.fitted else x
 
 
 # --------------------------------------------------------------------------------------------
