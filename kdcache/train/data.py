@@ -14,7 +14,7 @@ rotations as an uninterrupted one, whatever the number of loader workers.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -159,53 +159,12 @@ class JoinedDataset(Dataset):
                 s[target_key(key)] = part
 
 
-class SequentialBatches:
-    """Fallback batch sampler (no store module yet): the store sampler's interface, no locality.
-
-    Args:
-        num_samples, batch_size, shuffle, seed, drop_last, rank, world_size: as LocalBatchSampler.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1, **_):
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        order = list(range(self.num_samples))
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        step = self.batch_size * self.world_size
-        out = []
-        for start in range(0, len(order), step):
-            chunk = order[start : start + step]
-            if len(chunk) < step and (self.drop_last or self.world_size > 1):
-                break
-            out.append(chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
-        return [b for b in out if b]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-
 def make_batch_sampler(num_samples: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0,
                        world_size: int = 1, window: int | None = None, drop_last: bool = False):
-    """The store's :class:`LocalBatchSampler` (reads stay local), or a plain fallback."""
-    try:
-        from kdcache.store import LocalBatchSampler
-    except ImportError:
-        LocalBatchSampler = None
-    if LocalBatchSampler is None:
-        return SequentialBatches(num_samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                 rank=rank, world_size=world_size)
+    """The store's :class:`LocalBatchSampler`: shuffled windows of consecutive samples, so one
+    batch's store reads stay within a few shards (also used without a store, for one code path)."""
+    from kdcache.store import LocalBatchSampler
+
     kwargs = dict(shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
     if window:
         kwargs["window"] = window
