@@ -36,6 +36,8 @@ def train(
     scheduler: Optional[str] = typer.Option(None, help="constant, warmup_step, warmup_exp or plateau."),
     energy_coef: Optional[float] = typer.Option(None, help="Energy loss coefficient (1)."),
     force_coef: Optional[float] = typer.Option(None, help="Force loss coefficient (100)."),
+    atom_ref: Optional[str] = typer.Option(
+        None, "--atom-ref", help="fit (default): per-element reference energies fitted on --data; none."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="Random rotations (targets rotate along)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
     deterministic: Optional[bool] = typer.Option(
@@ -52,7 +54,7 @@ def train(
                      feature_loss=feature_loss, student_map=student_map, out=out, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, seed=seed, device=device, lr=lr, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, num_workers=num_workers, scheduler=scheduler,
-                     energy_coef=energy_coef, force_coef=force_coef, progress=progress,
+                     energy_coef=energy_coef, force_coef=force_coef, atom_ref=atom_ref, progress=progress,
                      deterministic=deterministic)
     cfg = TrainConfig.load(config, overrides)
     if rotate is not None:

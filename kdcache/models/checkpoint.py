@@ -303,10 +303,15 @@ def load_checkpoint(
         name, config = ckpt.get("model"), ckpt.get("config")
         model = _build(path, name, config)
         missing_scales = _load_weights(path, model, ckpt.get("state_dict"), allow_missing_scales=False)
-        norm = ckpt.get("normalizer") or {}
+        norm = dict(ckpt.get("normalizer") or {})
+        # per-element references ride in the state_dict; files written before they existed
+        # lack the key and load with zeros (= the normalisation they were trained with)
+        atom_ref = norm.pop("atom_ref", None)
+        if atom_ref is None:
+            atom_ref = (ckpt.get("state_dict") or {}).get("normalizer.atom_ref")
         try:
-            model.normalizer = Normalizer(**{k: float(v) for k, v in norm.items()})
-        except TypeError as exc:
+            model.normalizer = Normalizer(**{k: float(v) for k, v in norm.items()}, atom_ref=atom_ref)
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {path}: bad 'normalizer' entry {norm!r}") from exc
         extra = dict(ckpt.get("extra") or {})
         source = KDCACHE_FORMAT

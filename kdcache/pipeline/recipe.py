@@ -98,6 +98,7 @@ TRAIN_KEYS: dict[str, type | tuple[type, ...]] = {
     "normalize_labels": bool,
     "energy_mean": (int, float),
     "energy_std": (int, float),
+    "atom_ref": str,
     "student_map": str,
     "augment": list,
     "window": int,

@@ -17,6 +17,7 @@ from kdcache.errors import ConfigError
 from kdcache.train.strategies import FEATURE_LOSSES, STUDENT_MAPS, format_strategy, parse_strategy
 
 SCHEDULERS = ("constant", "warmup_step", "warmup_exp", "plateau")
+ATOM_REFS = ("fit", "none")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class TrainConfig:
         energy_coef, force_coef: a_E, a_F.
         normalize_labels: train on (E - mean)/std and F/std.
         energy_mean, energy_std: given normalisation (else computed from the training set).
+        atom_ref: ``fit`` (default): least-squares per-element reference energies on the training
+            set, mean/std then taken on the residual E - Σ ref[Z]; ``none``: no references. Only
+            used when the statistics are computed (``normalize_labels`` and no given mean/std).
         scheduler: ``constant`` | ``warmup_step`` | ``warmup_exp`` | ``plateau``.
         warmup_steps, warmup_factor: linear warm-up from ``warmup_factor·lr`` over these steps.
         lr_milestones, lr_gamma: step decay (multiply by gamma at each milestone step).
@@ -87,6 +91,7 @@ class TrainConfig:
     normalize_labels: bool = True
     energy_mean: float | None = None
     energy_std: float | None = None
+    atom_ref: str = "fit"
     scheduler: str = "constant"
     warmup_steps: int = 0
     warmup_factor: float = 0.2
@@ -145,6 +150,8 @@ class TrainConfig:
             raise ConfigError(f"{source}: student_map {self.student_map!r} not in {STUDENT_MAPS}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"{source}: scheduler {self.scheduler!r} not in {SCHEDULERS}")
+        if self.atom_ref not in ATOM_REFS:
+            raise ConfigError(f"{source}: atom_ref {self.atom_ref!r} not in {ATOM_REFS}")
         if self.batch_size < 1:
             raise ConfigError(f"{source}: batch_size must be >= 1")
         if self.max_steps is not None and self.max_steps < 0:

@@ -1,7 +1,7 @@
 """The training objective: student + student maps, labels loss plus weighted distillation terms.
 
 L = a_E·MAE(E) + a_F·L2MAE(F) + Σ_k λ_k·L_k, all in the student's normalised units (energies
-``(E - mean)/std``, forces ``F/std``), as in the reference training. Teacher energies, forces and
+``(E - Σ ref[Z] - mean)/std``, forces ``F/std``), as in the reference training. Teacher energies, forces and
 per-atom energies are stored in physical units and go through the *same* normaliser.
 
 Everything that has parameters (student and maps) sits in one module whose ``forward`` returns
@@ -67,7 +67,8 @@ class DistillationObjective(nn.Module):
             mapped = self.maps[term.name](out[spec.student_feature])
             return self.feature_loss(mapped, target.to(mapped.dtype))
         if spec.kind == "labels":  # vanilla1: teacher energy and forces as extra labels
-            e_t = norm.norm_energy(batch[target_key(K.ENERGY)].to(out[K.ENERGY].dtype))
+            _, ref_sum = norm.batch_reference(batch, out[K.ENERGY].dtype)
+            e_t = norm.norm_energy(batch[target_key(K.ENERGY)].to(out[K.ENERGY].dtype), ref_sum)
             f_t = norm.norm_forces(batch[target_key(K.FORCES)].to(out[K.FORCES].dtype))
             return self.energy_coef * energy_mae(out[K.ENERGY], e_t) + self.force_coef * force_l2mae(
                 out[K.FORCES], f_t, free
@@ -76,13 +77,15 @@ class DistillationObjective(nn.Module):
             pred = out[K.ATOM_ENERGY]
             ae = batch[target_key(K.ATOM_ENERGY)].to(pred.dtype)
             per_atom_n = batch[K.NATOMS][batch[K.BATCH]].to(pred.dtype)
-            ae_norm = (ae - norm.energy_mean.to(pred.dtype) / per_atom_n) / norm.energy_std.to(pred.dtype)
+            atom_ref, _ = norm.batch_reference(batch, pred.dtype)
+            ae_norm = norm.norm_atom_energy(ae, per_atom_n, atom_ref)
             return torch.mean((pred - ae_norm) ** 2)
         raise ConfigError(f"strategy {term.name!r}: unknown kind {spec.kind!r}")  # pragma: no cover
 
     def label_losses(self, out: dict, batch, free: torch.Tensor | None) -> dict[str, torch.Tensor]:
         norm = self.student.normalizer
-        e_t = norm.norm_energy(batch[K.ENERGY].to(out[K.ENERGY].dtype))
+        _, ref_sum = norm.batch_reference(batch, out[K.ENERGY].dtype)
+        e_t = norm.norm_energy(batch[K.ENERGY].to(out[K.ENERGY].dtype), ref_sum)
         f_t = norm.norm_forces(batch[K.FORCES].to(out[K.FORCES].dtype))
         return {K.ENERGY: energy_mae(out[K.ENERGY], e_t), K.FORCES: force_l2mae(out[K.FORCES], f_t, free)}
 

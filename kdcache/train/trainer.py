@@ -93,6 +93,51 @@ def label_statistics(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: i
     return float(energies.mean()), (std if std > 0 else 1.0)
 
 
+def _sample_indices(n: int, max_samples: int, seed: int):
+    if n > max_samples:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].tolist()
+    return range(n)
+
+
+def fit_atom_refs(energies, compositions) -> np.ndarray:
+    """Per-element reference energies by least squares: E_s ≈ Σ_Z count_sZ · ref_Z.
+
+    Args:
+        energies: ``[S]`` energies (eV).
+        compositions: per structure, the atomic numbers of its atoms.
+
+    Returns:
+        ``[119]`` float64 table, zero for elements absent from the data. Deterministic (same
+        data -> same table), so every DDP process can fit it on its own.
+    """
+    from kdcache.models.base import NUM_ELEMENTS
+
+    e = np.asarray(energies, dtype=np.float64).reshape(-1)
+    counts = np.zeros((len(e), NUM_ELEMENTS), dtype=np.float64)
+    for s, z in enumerate(compositions):
+        np.add.at(counts[s], np.asarray(z, dtype=np.int64).reshape(-1), 1.0)
+    present = np.flatnonzero(counts.sum(axis=0) > 0)
+    ref = np.zeros(NUM_ELEMENTS, dtype=np.float64)
+    if len(e) and len(present):
+        sol, *_ = np.linalg.lstsq(counts[:, present], e, rcond=None)  # min-norm when rank-deficient
+        ref[present] = sol
+    return ref
+
+
+def label_statistics_with_refs(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0
+                               ) -> tuple[float, float, np.ndarray]:
+    """Fitted per-element references, then mean and std of the residual energies E - Σ ref[Z]."""
+    energies, comps = [], []
+    for i in _sample_indices(len(dataset), max_samples, seed):
+        sample = dataset[int(i)]
+        energies.append(float(sample[K.ENERGY].reshape(-1)[0]))
+        comps.append(sample[K.ATOMIC_NUMBERS].reshape(-1).cpu().numpy())
+    ref = fit_atom_refs(energies, comps)
+    resid = np.asarray(energies, dtype=np.float64) - np.array([ref[z].sum() for z in comps], dtype=np.float64)
+    std = float(resid.std(ddof=1)) if resid.size > 1 else 1.0
+    return (float(resid.mean()) if resid.size else 0.0), (std if std > 0 else 1.0), ref
+
+
 def save_model_checkpoint(path: Path, student: nn.Module, trainer_state: dict | None = None) -> None:
     """Write a kdcache checkpoint of ``student`` (its current weights) with ``trainer_state`` in
     its ``extra`` (plain data only: the file is read back with ``weights_only=True``)."""
@@ -179,6 +224,9 @@ class Trainer:
             mean, std = float(cfg.energy_mean), float(cfg.energy_std)
         elif (self.out / LAST).exists():
             mean, std = 0.0, 1.0  # a resumed run restores the normaliser from last.pt
+        elif cfg.atom_ref == "fit":
+            mean, std, ref = label_statistics_with_refs(self.train_dataset, seed=cfg.seed)
+            student.normalizer.atom_ref.copy_(torch.from_numpy(ref))
         else:
             mean, std = label_statistics(self.train_dataset, seed=cfg.seed)
         student.normalizer.energy_mean.fill_(mean)
@@ -250,7 +298,10 @@ class Trainer:
                 "settings or choose another --out")
         if state.get("world_size", 1) != self.world:
             raise ConfigError(f"{path} was written by {state.get('world_size')} processes, this run has {self.world}")
-        self.objective.load_state_dict(state["objective"])
+        objective_state = dict(state["objective"])
+        # runs saved before per-element references existed: their normaliser had none
+        objective_state.setdefault("student.normalizer.atom_ref", torch.zeros_like(self.student.normalizer.atom_ref))
+        self.objective.load_state_dict(objective_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.ema and state.get("ema"):
