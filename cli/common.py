@@ -8,10 +8,12 @@ import sys
 import typer
 
 from kdcache.errors import KDCacheError
+from kdcache.fs import os_error_message
 
 
 def user_errors(fn):
-    """Decorator: turn a :class:`KDCacheError` into ``error: ...`` on stderr and exit code 1."""
+    """Decorator: turn a :class:`KDCacheError` or an ``OSError`` into one ``error: ...`` line on
+    stderr and exit code 1 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -20,8 +22,8 @@ def user_errors(fn):
         except KDCacheError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=1)
-        except FileNotFoundError as exc:
-            typer.echo(f"error: {exc}", err=True)
+        except OSError as exc:  # a missing input, a read-only or full disk, a file where a folder goes
+            typer.echo(f"error: {os_error_message(exc)}", err=True)
             raise typer.Exit(code=1)
 
     return wrapper

@@ -80,8 +80,8 @@ def convert(
     from kdcache.data.lmdb_writer import sample_to_record, write_lmdb
     from kdcache.errors import DataError
 
-    if dst.suffix != ".lmdb":
-        raise DataError(dst, None, None, "destination must be a .lmdb file")
+    if dst.suffix != ".lmdb" or dst.is_dir():
+        raise DataError(dst, None, None, "destination must be a .lmdb file" + (", not a folder" if dst.is_dir() else ""))
     ds = open_dataset(src, energy_key=energy_key)
     with tqdm(total=len(ds), desc="converting", unit="sample") as bar:
         n = write_lmdb(dst, (sample_to_record(ds[i]) for i in range(len(ds))), progress=bar.update)

@@ -18,13 +18,15 @@ def run(
     recipe: Path = typer.Argument(..., help="recipe YAML, e.g. pipelines/demo.yaml"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: the recipe's `out`, else runs/<name>)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: the recipe's, else auto)"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+                             help="student runs trained side by side (processes; on a GPU they share it)"),
 ):
     """Train the teacher (if asked), extract its store once, train the baseline and one student per
     strategy, evaluate all on the test split and write the report. Up-to-date stages are skipped;
     an interrupted run resumes."""
     from kdcache.pipeline.runner import run_pipeline
 
-    run_pipeline(recipe, out=out, device=device)
+    run_pipeline(recipe, out=out, device=device, jobs=jobs)
 
 
 @app.command("validate")

@@ -58,14 +58,6 @@ def extract(
         )
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 @app.command("info")
 @user_errors
 def info(
@@ -73,7 +65,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ):
     """What a store holds: samples, arrays, sizes, teacher and dataset provenance."""
-    from kdcache.store.verify import store_info
+    from kdcache.store.verify import human_bytes, store_info
 
     d = store_info(store)
     if as_json:
@@ -85,7 +77,8 @@ def info(
         f"complete    {'yes' if d['complete'] else 'NO'} ({d['samples_done']}/{d['num_samples']} samples)",
         f"atoms       {d['num_atoms']} (atom axis {d['atom_axis']}, padding {100 * d['padding_fraction']:.2f}%)",
         f"layout      shards of {d['shard_atoms']} atoms, chunks of {d['chunk_atoms']}, codec {d['codec']}",
-        f"size        {_human(d['size_bytes'])}",
+        f"size        {human_bytes(d['size_bytes'])}",
+        f"identity    {d['identity'] or 'none (unfinished, or a format 1 store without checksums)'}",
         f"teacher     {t.get('name')} (preset {t.get('preset')}), checkpoint {t.get('checkpoint')}",
         f"            checkpoint sha256 {t.get('checkpoint_sha256')}",
         f"graph       {json.dumps(d['graph'])}",
@@ -104,14 +97,18 @@ def info(
 @user_errors
 def verify(
     store: Path = typer.Argument(..., help="The store folder."),
-    data: Path = typer.Option(..., "--data", help="The dataset the store should come from."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The dataset the store should come from (checks every "
+                                        "stored sample's structure hash against it)."),
+    quick: bool = typer.Option(False, "--quick", help="Check that every data file is there with its size and shard "
+                               "index, without hashing the per-atom shards' contents."),
     progress: bool = typer.Option(False, "--progress/--no-progress"),
 ):
-    """Is the store complete, made from this dataset, and does every stored sample match it?"""
+    """Is the store complete and intact (every data file equal to what was written: size and
+    checksum), and, with --data, made from this dataset with every stored sample matching it?"""
     from kdcache.store.extract import open_data
     from kdcache.store.verify import verify_store
 
-    rep = verify_store(store, open_data(data), progress=progress)
+    rep = verify_store(store, open_data(data) if data is not None else None, quick=quick, progress=progress)
     typer.echo("\n".join(rep.lines()))
     if not rep.ok:
         raise typer.Exit(code=1)

@@ -23,6 +23,9 @@ def train(
     lambda_: Optional[float] = typer.Option(None, "--lambda", help="Weight of a strategy named without one."),
     feature_loss: Optional[str] = typer.Option(None, help="mse (default), mae or huber."),
     student_map: Optional[str] = typer.Option(None, help="linear (default), identity or mlp (scalar targets)."),
+    feature_norm: Optional[str] = typer.Option(
+        None, help="standard (default): compare with the teacher targets standardised by the store's "
+        "per-channel statistics, so lambda is scale-free; none: the paper's raw feature MSE."),
     out: Optional[str] = typer.Option(None, help="Run folder (config, checkpoints, metrics). Re-run to resume."),
     max_steps: Optional[int] = typer.Option(None, help="Optimiser steps (precedes --epochs)."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the training data."),
@@ -47,11 +50,12 @@ def train(
 
     Multi-process: `torchrun --nproc-per-node N --no-python kdcache train ...`.
     """
+    from kdcache.fs import ensure_output_folder, naming_output
     from kdcache.train import TrainConfig
     from kdcache.train import train as run_training
 
     overrides = dict(student=student, data=data, val=val, store=store, strategy=strategy, lambda_=lambda_,
-                     feature_loss=feature_loss, student_map=student_map, out=out, max_steps=max_steps,
+                     feature_loss=feature_loss, student_map=student_map, feature_norm=feature_norm, out=out, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, seed=seed, device=device, lr=lr, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, num_workers=num_workers, scheduler=scheduler,
                      energy_coef=energy_coef, force_coef=force_coef, atom_ref=atom_ref, progress=progress,
@@ -60,7 +64,9 @@ def train(
     if rotate is not None:
         others = [a for a in cfg.augment if a != "rotate"]
         cfg.augment = others + (["rotate"] if rotate else [])
-    result = run_training(cfg)
+    ensure_output_folder(cfg.out)
+    with naming_output(cfg.out):  # a failed write (full disk) names the run folder
+        result = run_training(cfg)
     typer.echo(f"trained {result['step']} steps; run folder {cfg.out}", err=True)
 
 

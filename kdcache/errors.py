@@ -35,5 +35,9 @@ class StoreError(KDCacheError):
     """A feature store that is missing, incomplete, or made for something else."""
 
 
+class NumericalError(KDCacheError):
+    """A loss, weights or predictions that became NaN or infinite (a diverged run, broken weights)."""
+
+
 class ConfigError(KDCacheError):
     """A configuration (command-line options or YAML) that cannot be served."""

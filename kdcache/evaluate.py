@@ -5,6 +5,10 @@ energy MAE (meV), force MAE (meV/Å, mean over free-atom components), force cosi
 free atoms of the cosine between predicted and true force), EFwT (share of structures with
 ``|ΔE| < 0.02 eV`` and every free-atom force component within ``0.03 eV/Å``), force L2-MAE and
 throughput (structures per second of model time).
+
+Metrics are never NaN: labels that are missing or not finite are a ``DataError`` naming the file,
+sample and field (from :func:`kdcache.data.collate`), and a model that predicts NaN or infinity is
+a ``NumericalError`` naming the samples.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 import torch
 
 from kdcache import keys as K
+from kdcache.data.batch import LABELS, non_finite_error, sample_file
+from kdcache.errors import NumericalError
 
 EFWT_ENERGY = 0.02  # eV
 EFWT_FORCE = 0.03  # eV/Å
@@ -89,7 +95,18 @@ def _predict(model, batch) -> dict:
 
 
 def evaluate_model(model, loader, device: torch.device | str | None = None, progress: bool = False) -> MetricSums:
-    """Run ``model`` (in eval mode) over ``loader``'s batches and accumulate metrics."""
+    """Run ``model`` (in eval mode) over ``loader``'s batches and accumulate metrics.
+
+    Args:
+        model: a :class:`kdcache.models.base.PotentialModel`.
+        loader: batches with energy and forces labels.
+        device: where to run (default: the model's device).
+        progress: show a progress bar.
+
+    Raises:
+        NumericalError: the model predicts NaN or infinity (naming the samples).
+        DataError: a label is not finite (a ``LabelledLoader`` refuses them first).
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -115,9 +132,34 @@ def evaluate_model(model, loader, device: torch.device | str | None = None, prog
             sums.seconds += time.perf_counter() - t0
             sums.add(out[K.ENERGY], out[K.FORCES], batch[K.ENERGY], batch[K.FORCES], batch[K.BATCH],
                      batch[K.NATOMS], batch.get(K.FIXED) if hasattr(batch, "get") else None)
+            # the sums were read as floats anyway: checking them costs nothing, and a NaN stays
+            # in them from the batch that brought it
+            if not (math.isfinite(sums.abs_e) and math.isfinite(sums.abs_f) and math.isfinite(sums.cos)):
+                raise _non_finite(out, batch, getattr(loader, "dataset", None))
     finally:
         model.train(was_training)
     return sums
+
+
+def _non_finite(out: dict, batch, dataset) -> Exception:
+    """The error of a batch whose metrics came out NaN: a label (when the loader did not check
+    them) or, else, the model's predictions, naming the samples by their dataset index."""
+    index = batch[K.SAMPLE_INDEX].view(-1).tolist() if K.SAMPLE_INDEX in batch else list(range(batch.num_graphs))
+    atom_sample = batch[K.BATCH]
+    for field in LABELS:
+        values = batch[field]
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            row = int(bad.reshape(values.shape[0], -1).any(dim=1).nonzero()[0, 0])
+            pos = int(atom_sample[row]) if field == K.FORCES else row
+            return non_finite_error(dataset, index[pos], field, int(bad.sum()), values.dtype)
+    bad_atom = ~torch.isfinite(out[K.FORCES]).all(dim=-1)
+    bad = ~torch.isfinite(out[K.ENERGY]).reshape(-1)
+    bad = bad | (torch.zeros_like(bad, dtype=torch.long).index_add_(0, atom_sample, bad_atom.long()) > 0)
+    samples = [index[int(i)] for i in bad.nonzero().reshape(-1)]
+    where = sample_file(dataset, samples[0] if samples else None)
+    return NumericalError(f"the model predicts NaN or infinite energies or forces for samples {samples} of {where}: "
+                          "its weights are broken (a diverged run?) or these structures are far out of its range")
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
@@ -132,17 +174,53 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: int = 16, device: str | None = None,
                         num_workers: int = 0, progress: bool = False) -> dict[str, float]:
     """Metrics of a checkpoint on a dataset (see the module docstring)."""
-    from torch.utils.data import DataLoader
-
     from kdcache.data import open_dataset
-    from kdcache.train.data import collate
+    from kdcache.train.data import LabelledLoader
     from kdcache.train.distributed import pick_device
 
     dev = pick_device(device)
     model = load_model(checkpoint, dev)
     dataset = open_dataset(data)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    loader = LabelledLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     return evaluate_model(model, loader, dev, progress=progress).result()
+
+
+def inference_throughput(checkpoints: dict[str, str | Path], data: str | Path, batch_size: int = 16,
+                         device: str | None = None, repeats: int = 5, max_samples: int = 64) -> dict[str, float]:
+    """Inference samples/s of several models, measured once each in interleaved repeats.
+
+    Timing every evaluation separately gave figures that moved by 2x for copies of one model on
+    a shared machine; here the models take turns (A B A B ...) on the same batches, after one
+    warm-up pass each, and each figure is the median of ``repeats`` passes.
+
+    Args:
+        checkpoints: name -> checkpoint (e.g. one per architecture).
+        data: dataset; its first ``max_samples`` samples are used.
+        batch_size: structures per batch.
+        device: where to run (default: cuda when present).
+        repeats: timed passes per model.
+        max_samples: samples per pass.
+    """
+    import statistics
+
+    from kdcache.data import open_dataset
+    from kdcache.train.data import LabelledLoader
+    from kdcache.train.distributed import pick_device
+
+    dev = pick_device(device)
+    dataset = open_dataset(data)
+    n = min(len(dataset), max_samples)
+    loader = LabelledLoader(torch.utils.data.Subset(dataset, range(n)) if n < len(dataset) else dataset,
+                            batch_size=batch_size, shuffle=False)
+    batches = list(loader)
+    models = {name: load_model(ckpt, dev) for name, ckpt in checkpoints.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for rep in range(repeats + 1):
+        for name, model in models.items():
+            sums = evaluate_model(model, batches, dev)
+            if rep:  # pass 0 warms up (allocator, lazy set-up)
+                times[name].append(sums.structures / sums.seconds)
+    return {name: float(statistics.median(v)) for name, v in times.items()}
 
 
 def format_table(metrics: dict[str, float]) -> str:

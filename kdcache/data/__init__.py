@@ -2,7 +2,8 @@
 
 ``open_dataset(path)`` picks the reader; every dataset gives :class:`~kdcache.data.sample.Sample`
 items with :mod:`kdcache.keys` fields (``sample_index`` = global index), ``fingerprint()`` and
-``paths``.
+``paths``. :func:`collate` batches samples for either stage (checked; labels only where
+required).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcache import keys as K
+from kdcache.data.batch import LABELS, collate, sample_file
 from kdcache.data.coll import ASE_SUFFIXES, XYZ_SUFFIXES, AseDataset, CollDataset
 from kdcache.data.demo import write_demo
 from kdcache.data.lmdb_dataset import LmdbDataset
@@ -22,7 +24,7 @@ from kdcache.errors import DataError
 __all__ = [
     "open_dataset", "dataset_statistics", "sample_hash", "make_sample", "Sample",
     "LmdbDataset", "AseDataset", "CollDataset", "write_lmdb", "sample_to_record", "atoms_to_record",
-    "write_demo",
+    "write_demo", "collate", "sample_file", "LABELS",
 ]
 
 

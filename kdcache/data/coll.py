@@ -140,10 +140,15 @@ class AseDataset(Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
-        return make_sample(self._attrs[index], self.path, index)
+        with np.errstate(over="ignore"):  # float32 overflow: refused, naming the sample, when batched
+            return make_sample(self._attrs[index], self.path, index)
 
     def raw(self, index: int) -> dict:
         return self._attrs[index]
+
+    def file_of(self, index: int) -> Path:
+        """The file every sample comes from (errors name it)."""
+        return self.path
 
     def fingerprint(self) -> dict:
         """Kind, file name and size, sample count, energy key."""

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from kdcache.data.lmdb_writer import atoms_to_record, write_lmdb
+from kdcache.fs import ensure_output_folder
 
 METALS = ("Al", "Ni", "Cu", "Pd", "Ag", "Pt", "Au")
 # Lattice constants (Å) at the EMT energy minimum, so unperturbed slabs are near equilibrium.
@@ -181,7 +182,7 @@ def write_demo(out_dir, num_train: int = 2000, num_val: int = 200, num_test: int
         import os
 
         workers = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
-    out = Path(out_dir)
+    out = ensure_output_folder(out_dir, "demo folder")
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     counts = {"train": num_train, "val": num_val, "test": num_test}

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lmdb
+import numpy as np
 from torch.utils.data import Dataset
 
 from kdcache.data.safe_pickle import attributes_of, safe_loads
@@ -142,6 +143,10 @@ class LmdbDataset(Dataset):
         f = bisect.bisect_right(self._offsets, index) - 1
         return f, index - self._offsets[f]
 
+    def file_of(self, index: int) -> Path:
+        """The ``.lmdb`` file that holds global index ``index`` (errors name it)."""
+        return self.paths[self.locate(self._check_index(index))[0]]
+
     def raw(self, index: int) -> dict:
         """The raw attribute dictionary stored under a global index (OC20 field names)."""
         index = self._check_index(index)
@@ -167,7 +172,8 @@ class LmdbDataset(Dataset):
 
     def __getitem__(self, index):
         index = self._check_index(index)
-        return make_sample(self.raw(index), self.paths[self.locate(index)[0]], index)
+        with np.errstate(over="ignore"):  # float32 overflow: refused, naming the sample, when batched
+            return make_sample(self.raw(index), self.file_of(index), index)
 
     def fingerprint(self) -> dict:
         """Cheap identity: kind, file names and sizes, sample count (no pass over samples)."""

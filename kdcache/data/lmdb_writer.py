@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import errno
 import io
 import os
 import pickle
@@ -172,10 +173,11 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     map_size = 1 << 30
-    # meminit: zero unused page space, so equal records give byte-identical files.
-    env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=True)
+    env = None
     count = 0
     try:
+        # meminit: zero unused page space, so equal records give byte-identical files.
+        env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=True)
         pending: list[tuple[bytes, bytes]] = []
 
         def flush():
@@ -204,8 +206,29 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
         env.sync(True)
         env.close()
         os.replace(tmp, path)
-    except BaseException:
-        env.close()
+    except BaseException as exc:
+        if env is not None:
+            env.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, lmdb.Error):
+            raise _lmdb_os_error(exc, path) from exc
         raise
     return count
+
+
+def _lmdb_os_error(exc: "lmdb.Error", path: Path) -> OSError:
+    """An ``OSError`` naming ``path`` for a failed LMDB write.
+
+    lmdb reports system errors as ``lmdb.Error("what: strerror")`` without an errno; finding the
+    errno back from the text lets the command line say which file failed and why, like any other
+    failed write. A full disk often shows as an I/O error at commit, so that case says so.
+
+    Args:
+        exc: the lmdb error.
+        path: the LMDB file being written.
+    """
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code), str(path))
+    return OSError(errno.EIO, f"writing the LMDB failed ({text}; a full disk can show as this)", str(path))

@@ -16,9 +16,12 @@ Files are read with ``torch.load(..., weights_only=True)``: a checkpoint is data
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -100,12 +103,12 @@ def _read_scale_file(scale_file) -> dict[str, float]:
             if path.suffix == ".json":
                 raw = json.loads(path.read_text())
             elif path.suffix == ".pt":
-                raw = torch.load(path, map_location="cpu", weights_only=True)
+                raw = read_checkpoint(path, what="scale file")
             else:
                 raise CheckpointError(f"scale file {path}: unsupported extension {path.suffix!r} (.json or .pt)")
         except CheckpointError:
             raise
-        except Exception as exc:  # unreadable / not weights-only data
+        except Exception as exc:  # unreadable JSON
             raise CheckpointError(f"scale file {path}: cannot be read ({exc})") from exc
         if not isinstance(raw, dict):
             raise CheckpointError(f"scale file {path}: expected a mapping of names to numbers")
@@ -141,18 +144,47 @@ def apply_scale_file(model: nn.Module, scale_file) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _torch_load(path: Path) -> dict:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False, what: str = "checkpoint") -> dict:
+    """The contents of a torch file, read as data only: the one way kdcache opens a ``.pt`` a
+    user names (checkpoints, scale files, runs to resume).
+
+    ``weights_only=True`` makes torch refuse any pickled global outside tensors and plain
+    containers, so a file that would run code when unpickled is an error instead.
+
+    Args:
+        path: the file.
+        mmap: map the tensors' storage instead of reading it (cheap when only metadata such as
+            the model name is wanted); ignored for old non-zip files, which cannot be mapped.
+        what: what the file is, for messages.
+
+    Returns:
+        The top-level dict.
+
+    Raises:
+        CheckpointError: missing file, unreadable or code-carrying file, or not a dict at the top.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+        raise CheckpointError(f"{what} {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path}: cannot be read as a weights-only torch file ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise CheckpointError(f"{what} {path}: cannot be read as a weights-only torch file ({_load_problem(exc)})") from None
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path}: expected a dict at the top level, found {type(ckpt).__name__}")
+        raise CheckpointError(f"{what} {path}: expected a dict at the top level, found {type(ckpt).__name__}")
     return ckpt
+
+
+def _load_problem(exc: Exception) -> str:
+    """One line from torch's load error. Its weights-only message spans paragraphs and suggests
+    ``weights_only=False``, i.e. running the file's code, which kdcache never does."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global[^\n]*)?$", text, re.M)
+    if refused:
+        return f"it holds Python objects, not only tensors and plain data: {refused.group(1).strip()}; " \
+               "a checkpoint is data, never code"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"
 
 
 def _strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -294,7 +326,7 @@ def load_checkpoint(
         CheckpointError: unreadable file, unknown model, keys missing/unexpected/mis-shaped.
     """
     path = Path(path)
-    ckpt = _torch_load(path)
+    ckpt = read_checkpoint(path)
     digest = file_sha256(path)
     used_ema = False
     extra: dict = {}
@@ -390,7 +422,11 @@ def save_checkpoint(path: str | os.PathLike, model: PotentialModel, extra: Mappi
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            # serialised in memory, then written: torch's zip writer reports a full disk as an
+            # opaque RuntimeError, a plain write as OSError(ENOSPC)
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -114,8 +114,13 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "painn-big": ("painn", _with(PAINN_OC20)),
     "painn-small": ("painn", _with(PAINN_OC20, hidden_channels=256, num_layers=4)),
     "schnet": ("schnet", _with(SCHNET_OC20)),
-    # COLL (paper): smaller widths; SchNet with COLL's longer cutoff
-    "gemnet-oc-coll": ("gemnet_oc", _with(GEMNET_OC_OC20, emb_size_atom=128, emb_size_edge=256)),
+    # COLL (paper): smaller widths; SchNet with COLL's longer cutoff. GemNet-OC: every tag takes
+    # part in quadruplets. COLL molecules carry tag 0 (no slab/adsorbate split, ASE's default), so
+    # OC20's qint_tags [1, 2] would leave the quadruplet interaction without a single quadruplet
+    # (its output is then exactly zero: a GemNet-OC without quadruplets, not the paper's teacher).
+    "gemnet-oc-coll": (
+        "gemnet_oc", _with(GEMNET_OC_OC20, emb_size_atom=128, emb_size_edge=256, qint_tags=[0, 1, 2])
+    ),
     "painn-coll-big": ("painn", _with(PAINN_OC20, hidden_channels=256, num_layers=6)),
     "painn-coll-small": ("painn", _with(PAINN_OC20, hidden_channels=128, num_layers=4)),
     "schnet-coll": (

@@ -88,17 +88,32 @@ def load_model(checkpoint: str | Path, device: str):
 
 
 def checkpoint_model_name(checkpoint: str | Path) -> str | None:
-    """The registry name a checkpoint records (kdcache or Open Catalyst layout), or None."""
-    try:
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        return None
-    name = ck.get("model") if isinstance(ck, dict) else None
-    if name is None and isinstance(ck, dict) and isinstance(ck.get("config"), dict):
+    """The registry name a checkpoint records (kdcache or Open Catalyst layout), or None.
+
+    Raises:
+        CheckpointError: the file cannot be read as data (e.g. it would run code when unpickled).
+    """
+    from kdcache.models.checkpoint import read_checkpoint
+
+    # mmap: only the metadata is wanted, a teacher's weights may be gigabytes
+    ck = read_checkpoint(checkpoint, mmap=True)
+    name = ck.get("model")
+    if name is None and isinstance(ck.get("config"), dict):
         name = ck["config"].get("model")
         if isinstance(name, dict):
             name = name.get("name")
     return str(name).lower().replace("-", "_") if name else None
+
+
+def checkpoint_summary(checkpoint: str | Path) -> dict:
+    """Registry name, hidden features and parameter count of the model a checkpoint holds (its
+    own configuration, which wins over a preset's)."""
+    from kdcache.models.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
+    return {"name": getattr(model, "name", type(model).__name__), "params": int(sum(p.numel() for p in model.parameters())),
+            "features": tuple(getattr(model, "available_features", ())), "built_on": "checkpoint"}
 
 
 # --- stage two: training ----------------------------------------------------------------------
@@ -134,20 +149,66 @@ def train_outputs(out: Path) -> dict:
 
 
 # --- stage one: extraction ---------------------------------------------------------------------
+#: extract settings a recipe gives elsewhere (``store.options`` may not change them) -> that key
+_EXTRACT_OWNED = {"data": "data", "out": "out", "teacher": "teacher.preset", "checkpoint": "teacher.checkpoint",
+                  "features": "store.features", "dtype": "store.dtype", "batch_size": "store.batch_size",
+                  "device": "device"}
+#: annotation names whose values can be checked without running anything
+_ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+
+
+def _extract_fn() -> Callable:
+    import importlib
+
+    return _first_attr(importlib.import_module("kdcache.store.extract"), ("extract", "run_extract", "extract_store"))
+
+
+def _annotation_types(annotation) -> tuple[type, ...] | None:
+    """The types an annotation such as ``"int | None"`` allows; None when it names anything else
+    (e.g. ``Sequence[str]``; the extractor checks those itself)."""
+    if isinstance(annotation, type):
+        return (annotation,)
+    if not isinstance(annotation, str):
+        return None
+    parts = [p.strip() for p in annotation.split("|")]
+    if not all(p in _ANNOTATION_TYPES for p in parts):
+        return None
+    return tuple(t for p in parts for t in _ANNOTATION_TYPES[p])
+
+
+def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
+    """Check ``store.options`` against ``kdcache extract``'s settings: known names, not one the
+    recipe sets elsewhere, and a value of the annotated type.
+
+    Args:
+        options: setting -> value.
+        where: how a message names an option, ``name -> text``.
+
+    Raises:
+        ConfigError: ``"<where(name)>: <what is wrong>"``.
+    """
+    params = inspect.signature(_extract_fn()).parameters
+    for k, v in options.items():
+        if k in _EXTRACT_OWNED:
+            raise ConfigError(f"{where(k)}: is set by the recipe's `{_EXTRACT_OWNED[k]}`; remove it here")
+        if k not in params:
+            known = ", ".join(p for p in params if p not in _EXTRACT_OWNED)
+            raise ConfigError(f"{where(k)}: not a setting of kdcache extract; known: {known}")
+        types = _annotation_types(params[k].annotation)
+        if types is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in dict.fromkeys(types))
+            raise ConfigError(f"{where(k)}: expected {names}, got {v!r}")
+    return options
+
+
 def extract(checkpoint: str | Path, teacher: str | None, data: str | Path, out: Path, features: tuple[str, ...],
             dtype: str, batch_size: int, device: str, options: dict | None = None) -> None:
     """Run ``kdcache extract``'s Python API (it resumes an interrupted store by itself)."""
-    import importlib
-
-    mod = importlib.import_module("kdcache.store.extract")
-    fn = _first_attr(mod, ("extract", "run_extract", "extract_store"))
-    params = inspect.signature(fn).parameters
-    unknown = sorted(set(options or {}) - set(params))
-    if unknown:
-        raise ConfigError(f"store.options {unknown}: not settings of kdcache extract ({', '.join(params)})")
+    fn = _extract_fn()
+    options = check_extract_options(dict(options or {}), lambda k: f"store.options.{k}")
     values = {"checkpoint": str(checkpoint), "teacher": teacher, "data": str(data), "out": str(out),
               "features": list(features), "dtype": dtype, "batch_size": batch_size, "device": device,
-              "progress": True, **(options or {})}
+              "progress": True, **options}
     fn(**_accepted(fn, values, required=("checkpoint", "data", "out")))
 
 
@@ -164,6 +225,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, batch_size: int, device: 
     from kdcache.evaluate import evaluate_checkpoint
 
     return dict(evaluate_checkpoint(checkpoint, data, batch_size=batch_size, device=device, progress=True))
+
+
+def throughput(checkpoints: dict[str, str | Path], data: str | Path, batch_size: int, device: str) -> dict[str, float]:
+    """Inference samples/s per model, in one interleaved measurement (see
+    :func:`kdcache.evaluate.inference_throughput`)."""
+    from kdcache.evaluate import inference_throughput
+
+    return inference_throughput(checkpoints, data, batch_size=batch_size, device=device)
 
 
 def collect(checkpoint: str | Path, data: str | Path, num_samples: int, batch_size: int, device: str,

@@ -78,11 +78,14 @@ def plot_curves(curves: dict[str, tuple], path: str | Path, ylabel: str = "valid
     plt.close(fig)
 
 
-def plot_parity(preds: dict[str, dict], path: str | Path, max_points: int = 20000) -> None:
+def plot_parity(preds: dict[str, dict], path: str | Path, max_points: int = 20000, note: str = "") -> None:
     """Predicted against true energies (top row, eV) and force components (bottom row, eV/Å).
+
+    Each panel's MAE is over every point given (before the scatter is thinned out).
 
     Args:
         preds: run name -> ``{energy_true, energy_pred [S], forces_true, forces_pred [N, 3]}``.
+        note: a line under the figure, e.g. which samples the MAEs are over.
     """
     plt = _plt()
     n = max(1, len(preds))
@@ -92,6 +95,7 @@ def plot_parity(preds: dict[str, dict], path: str | Path, max_points: int = 2000
             ax = axes[i, j]
             t = np.asarray(p[f"{key}_true"], dtype=np.float64).ravel()
             y = np.asarray(p[f"{key}_pred"], dtype=np.float64).ravel()
+            mae = float(np.mean(np.abs(t - y))) if t.size else float("nan")
             if t.size > max_points:  # keep files small; a fixed subsample is enough to see bias
                 idx = np.random.default_rng(0).choice(t.size, max_points, replace=False)
                 t, y = t[idx], y[idx]
@@ -99,7 +103,6 @@ def plot_parity(preds: dict[str, dict], path: str | Path, max_points: int = 2000
             if t.size:
                 lo, hi = float(min(t.min(), y.min())), float(max(t.max(), y.max()))
                 ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
-                mae = float(np.mean(np.abs(t - y)))
                 ax.text(0.03, 0.95, f"MAE {mae * 1000:.1f} m{unit}", transform=ax.transAxes, va="top", fontsize=7)
             ax.set_title(f"{name}: {key}", fontsize=8)
             ax.set_xlabel(f"true ({unit})", fontsize=7)
@@ -107,6 +110,9 @@ def plot_parity(preds: dict[str, dict], path: str | Path, max_points: int = 2000
                 ax.set_ylabel(f"predicted ({unit})", fontsize=7)
             ax.tick_params(labelsize=6)
     fig.tight_layout()
+    if note:
+        fig.text(0.5, 0.003, note, ha="center", va="bottom", fontsize=6)
+        fig.subplots_adjust(bottom=0.14)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

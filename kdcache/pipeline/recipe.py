@@ -6,7 +6,9 @@ recipe file and the key), and turned into plain dataclasses the runner works fro
     name: demo                      # optional; default: the file name without .yaml
     out: runs/demo                  # optional; default runs/<name>
     device: auto                    # auto | cpu | cuda | cuda:N
-    seed: 0
+    seed: 0                         # teacher, demo data, and students unless `seeds` is given
+    seeds: [0, 1, 2]                # optional: every student run is repeated per seed; the report
+                                    # gives mean ± sd, and gap closed per seed as mean ± SE
     data:                           # either paths ...
       train: /data/oc20/2M/train    #   (${VAR} and ${VAR:-default} are expanded)
       val: /data/oc20/val_id
@@ -26,12 +28,14 @@ recipe file and the key), and turned into plain dataclasses the runner works fro
       train: {max_steps: 600, batch_size: 8}
     strategies:                     # the baseline (no distillation) always runs as well
       - {name: n2n, lambda: 10}
+      - {name: e2n, lambda: [0.3, 1, 3]}   # a sweep: λ chosen on the validation split
       - {name: v2v, lambda: 1, loss: mse, train: {lr: 5.0e-4}}
       - {name: n2n+v2v, terms: {n2n: 10, v2v: 1}}
     eval: {batch_size: 16}
     report: {plots: true, cka_samples: 64}
 
-Relative paths are taken from the current working directory.
+Relative paths are taken from the current working directory. The file is read with
+:func:`kdcache.config_yaml.load_yaml` (plain data only; a key given twice is an error).
 """
 
 from __future__ import annotations
@@ -44,8 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kdcache.config_yaml import load_yaml
 from kdcache.errors import ConfigError
 
 #: distillation strategies known to stage two (``none`` is the baseline).
@@ -69,47 +72,11 @@ ARCH_FEATURES = {
     "schnet": ("node",),
 }
 
-#: training settings the pipeline knows and type-checks; others pass through to the trainer,
-#: which checks them itself (so a trainer option needs no change here).
-TRAIN_KEYS: dict[str, type | tuple[type, ...]] = {
-    "max_steps": int,
-    "epochs": int,
-    "batch_size": int,
-    "val_batch_size": int,
-    "lr": (int, float),
-    "weight_decay": (int, float),
-    "scheduler": str,
-    "warmup_steps": int,
-    "warmup_factor": (int, float),
-    "lr_gamma": (int, float),
-    "lr_milestones": list,
-    "decay_rate": (int, float),
-    "decay_steps": int,
-    "plateau_patience": int,
-    "plateau_factor": (int, float),
-    "ema_decay": (int, float),
-    "clip_grad": (int, float),
-    "energy_coef": (int, float),
-    "force_coef": (int, float),
-    "eval_every": int,
-    "checkpoint_every": int,
-    "num_workers": int,
-    "seed": int,
-    "normalize_labels": bool,
-    "energy_mean": (int, float),
-    "energy_std": (int, float),
-    "atom_ref": str,
-    "student_map": str,
-    "augment": list,
-    "window": int,
-    "progress": bool,
-    "deterministic": bool,
-}
 #: trainer settings the pipeline itself sets (from data/store/strategies/out/device)
 PIPELINE_OWNED = ("student", "student_overrides", "data", "val", "store", "strategy", "lambda", "lambda_",
                   "feature_loss", "out", "device")
 
-_TOP_KEYS = {"name", "out", "device", "seed", "data", "teacher", "store", "students", "strategies", "eval", "report", "description"}
+_TOP_KEYS = {"name", "out", "device", "seed", "seeds", "data", "teacher", "store", "students", "strategies", "eval", "report", "description"}
 
 
 @dataclass
@@ -167,6 +134,8 @@ class StrategySpec:
     terms: dict[str, float]
     loss: str = "mse"
     train: dict = field(default_factory=dict)
+    #: candidate λ of a sweep (``lambda: [0.3, 1, 3]``; empty: ``terms`` is the one setting)
+    sweep: tuple[float, ...] = ()
 
     @property
     def strategy_string(self) -> str:
@@ -176,6 +145,14 @@ class StrategySpec:
     def label(self) -> str:
         return " + ".join(f"{k} (λ={v:g})" for k, v in self.terms.items())
 
+    def candidates(self) -> list["StrategySpec"]:
+        """One spec per λ of a sweep (named ``<name>_lam<λ>``), or ``[self]``."""
+        if not self.sweep:
+            return [self]
+        (strategy,) = self.terms
+        return [StrategySpec(f"{self.name}_lam{lam:g}", {strategy: lam}, self.loss, dict(self.train))
+                for lam in self.sweep]
+
 
 @dataclass
 class Recipe:
@@ -184,6 +161,7 @@ class Recipe:
     out: Path
     device: str
     seed: int
+    seeds: list[int]
     data: DataSpec
     teacher: ModelSpec
     store: StoreSpec
@@ -193,12 +171,15 @@ class Recipe:
     report: dict
     raw: dict = field(repr=False, default_factory=dict)
 
-    def student_train(self, strategy: StrategySpec | None) -> dict:
-        """Training settings of one student run: recipe seed < students.train < strategy.train."""
+    def student_train(self, strategy: StrategySpec | None, seed: int | None = None) -> dict:
+        """Training settings of one student run: recipe seed < students.train < strategy.train,
+        then the run's own ``seed`` (one of :attr:`seeds`) when given."""
         settings = {"seed": self.seed}
         settings.update(self.student.train or {})
         if strategy is not None:
             settings.update(strategy.train)
+        if seed is not None:
+            settings["seed"] = seed
         return settings
 
 
@@ -211,6 +192,10 @@ class _Checker:
 
     def fail(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"recipe {self.path}: key {key!r}: {message}")
+
+    def key_in(self, parent: str):
+        """``key path -> "recipe <file>: key '<parent>.<key path>'"``, for checks done elsewhere."""
+        return lambda k: f"recipe {self.path}: key {(f'{parent}.{k}' if parent else k)!r}"
 
     def mapping(self, value, key: str, allowed: set[str] | None = None, required=()) -> dict:
         if value is None:
@@ -291,6 +276,10 @@ def trainer_setting_names() -> set[str] | None:
 
 
 def _check_train(c: _Checker, value, key: str) -> dict:
+    """A ``train:`` mapping: names known to stage two and not set by the pipeline; each value's
+    type and range by stage two's own rules (one place: :mod:`kdcache.train.config`)."""
+    from kdcache.train.config import check_setting
+
     settings = c.mapping(value, key)
     known = trainer_setting_names()
     out = {}
@@ -299,23 +288,15 @@ def _check_train(c: _Checker, value, key: str) -> dict:
             raise c.fail(f"{key}.{k}", "is set by the pipeline (from data/store/strategies); remove it here")
         if known is not None and k not in known:
             raise c.fail(f"{key}.{k}", f"unknown training setting; known: {', '.join(sorted(known - set(PIPELINE_OWNED)))}")
-        if k in TRAIN_KEYS and v is not None:
-            positive = k in {"max_steps", "epochs", "batch_size", "val_batch_size", "lr"}
-            v = c.typed(v, f"{key}.{k}", TRAIN_KEYS[k], positive=positive)
-        out[k] = v
+        out[k] = check_setting(k, v, c.key_in(key))
     return out
 
 
 def check_with_trainer(c: "_Checker", settings: dict, key: str) -> None:
-    """Let stage two's own configuration check the values (e.g. a scheduler name)."""
-    try:
-        from kdcache.train.config import TrainConfig
-    except Exception:
-        return
-    try:
-        TrainConfig.from_dict(dict(settings), source=f"recipe {c.path}: key {key!r}")
-    except ConfigError as exc:
-        raise ConfigError(str(exc)) from None
+    """Let stage two's own configuration check the values together (e.g. the strategy)."""
+    from kdcache.train.config import TrainConfig
+
+    TrainConfig.from_dict(dict(settings), source=f"recipe {c.path}", where=c.key_in(key))
 
 
 def _check_model(c: _Checker, value, key: str, strict: bool, need_weights: bool) -> ModelSpec:
@@ -346,6 +327,20 @@ def _check_strategy(c: _Checker, value, key: str) -> StrategySpec:
     if isinstance(value, str):
         value = {"name": value}
     s = c.mapping(value, key, allowed={"name", "strategy", "lambda", "terms", "loss", "train"}, required=("name",))
+    sweep: tuple[float, ...] = ()
+    if isinstance(s.get("lambda"), list):
+        if "terms" in s:
+            raise c.fail(f"{key}.lambda", "give either `terms` or `strategy`/`lambda`, not both")
+        lams = [c.typed(v, f"{key}.lambda[{i}]", (int, float)) for i, v in enumerate(s["lambda"])]
+        if not lams:
+            raise c.fail(f"{key}.lambda", "is an empty list")
+        for i, v in enumerate(lams):
+            if v < 0:
+                raise c.fail(f"{key}.lambda[{i}]", f"lambda must be >= 0, got {v}")
+        if len(set(lams)) != len(lams):
+            raise c.fail(f"{key}.lambda", f"a value is given twice: {lams}")
+        sweep = tuple(float(v) for v in lams) if len(lams) > 1 else ()
+        s = {**s, "lambda": lams[0]}
     name = c.typed(s["name"], f"{key}.name", str)
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in {"baseline", "teacher", "none"}:
         raise c.fail(f"{key}.name", f"{name!r} cannot name a run (letters, digits, _ . + - only; not baseline/teacher/none)")
@@ -371,7 +366,7 @@ def _check_strategy(c: _Checker, value, key: str) -> StrategySpec:
         out_terms[strat] = float(lam)
     loss = c.choice(s.get("loss", "mse"), f"{key}.loss", FEATURE_LOSSES)
     train = _check_train(c, s.get("train"), f"{key}.train") if s.get("train") is not None else {}
-    return StrategySpec(name=name, terms=out_terms, loss=loss, train=train)
+    return StrategySpec(name=name, terms=out_terms, loss=loss, train=train, sweep=sweep)
 
 
 def strategy_needs(strategy: str, teacher_arch: str | None) -> tuple[str, ...]:
@@ -390,6 +385,8 @@ def parse_recipe(raw: dict, path: str | Path, strict: bool = True) -> Recipe:
         strict: expand environment variables and fail on unset ones (False: keep ``${VAR}``
             placeholders, for validating templates).
     """
+    from kdcache.pipeline.backends import check_extract_options  # imports torch: only when checking
+
     path = Path(path)
     c = _Checker(path)
     r = c.mapping(raw, "", allowed=_TOP_KEYS, required=("data", "teacher", "students"))
@@ -401,6 +398,17 @@ def parse_recipe(raw: dict, path: str | Path, strict: bool = True) -> Recipe:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
         raise c.fail("device", f"{device!r} is not auto, cpu, cuda or cuda:N")
     seed = c.typed(r.get("seed", 0), "seed", int)
+    seeds = r.get("seeds", [seed])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds:
+        raise c.fail("seeds", f"expected a non-empty list of seeds, got {seeds!r}")
+    for i, v in enumerate(seeds):
+        c.typed(v, f"seeds[{i}]", int)
+        if v < 0:
+            raise c.fail(f"seeds[{i}]", f"must be >= 0, got {v}")
+    if len(set(seeds)) != len(seeds):
+        raise c.fail("seeds", f"a seed is given twice: {seeds}")
 
     # data
     d = c.mapping(r["data"], "data", allowed={"train", "val", "test", "demo"})
@@ -432,7 +440,7 @@ def parse_recipe(raw: dict, path: str | Path, strict: bool = True) -> Recipe:
     if not isinstance(strategies_raw, list):
         raise c.fail("strategies", "expected a list")
     strategies = [_check_strategy(c, s, f"strategies[{i}]") for i, s in enumerate(strategies_raw)]
-    names = [s.name for s in strategies]
+    names = [s.name for s in strategies] + [c_.name for s in strategies if s.sweep for c_ in s.candidates()]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise c.fail("strategies", f"run names must be unique; repeated: {sorted(dup)}")
@@ -453,7 +461,7 @@ def parse_recipe(raw: dict, path: str | Path, strict: bool = True) -> Recipe:
         features=feats,
         dtype=c.choice(st.get("dtype", "float16"), "store.dtype", STORE_DTYPES),
         batch_size=c.typed(st.get("batch_size", 16), "store.batch_size", int, positive=True),
-        options=c.mapping(st.get("options"), "store.options"),
+        options=check_extract_options(c.mapping(st.get("options"), "store.options"), c.key_in("store.options")),
     )
 
     ev = c.mapping(r.get("eval"), "eval", allowed={"batch_size"})
@@ -473,20 +481,19 @@ def parse_recipe(raw: dict, path: str | Path, strict: bool = True) -> Recipe:
         check_with_trainer(c, merged, f"strategies[{i}]")
 
     return Recipe(
-        path=path, name=name, out=Path(out), device=device, seed=seed, data=data, teacher=teacher,
+        path=path, name=name, out=Path(out), device=device, seed=seed, seeds=list(seeds), data=data, teacher=teacher,
         store=store, student=student, strategies=strategies, eval=ev, report=rep, raw=copy.deepcopy(raw),
     )
 
 
 def load_recipe(path: str | Path, strict: bool = True) -> Recipe:
-    """Read and check a recipe file (see the module docstring for the format)."""
+    """Read and check a recipe file (see the module docstring for the format).
+
+    Raises:
+        ConfigError: no such file, invalid YAML, a key given twice, or a value the schema refuses.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path}: not valid YAML: {exc}") from None
+    raw = load_yaml(path, what="recipe")
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top level")
     return parse_recipe(raw, path, strict=strict)

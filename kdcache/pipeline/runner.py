@@ -5,7 +5,8 @@ Layout of a run folder (default ``runs/<recipe name>``)::
     recipe.yaml              the recipe as run (for the record)
     data/                    demo data (only for ``data: {demo: ...}``)
     teacher/                 teacher training run (only when the recipe trains it)
-    store/teacher.zarr       the teacher's feature store, extracted once
+    store/teacher.zarr       the teacher's feature store, extracted once (its identity is in the
+                             students' stage hashes; a replaced store is extracted again)
     students/<run>/          baseline and one run per strategy (kdcache train run folders)
     eval/<run>/              metrics.json, predictions.npz, features.npz (test split)
     report/                  report.md, report.csv, *.png
@@ -30,9 +31,16 @@ from kdcache.pipeline import backends as B
 from kdcache.pipeline import report as R
 from kdcache.pipeline.recipe import ARCH_FEATURES, Recipe, StrategySpec, load_recipe, strategy_needs
 from kdcache.pipeline.stages import StageResult, file_sha256, path_fingerprint, run_stage
+from kdcache.store.format import recorded_identity
 
 #: training settings that do not change a run's result (left out of its stage hash)
 _NOT_RESULT = ("progress", "num_workers", "checkpoint_every", "val_batch_size")
+#: the store stage's output, in its folder
+STORE = "teacher.zarr"
+
+
+def _short_id(identity: str | None) -> str:
+    return identity[:12] if identity else "none (not a finished kdcache store of format 2)"
 
 
 @dataclass
@@ -91,15 +99,16 @@ class Pipeline:
     """Runs one recipe. ``log`` receives every progress line (default: print)."""
 
     def __init__(self, recipe: Recipe, out: str | Path | None = None, device: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, jobs: int = 1):
         self.recipe = recipe
+        self.jobs = max(1, int(jobs))
         self.out = Path(out) if out is not None else recipe.out
         self.device = B.resolve_device(device or recipe.device)
         self.log = log or (lambda msg: print(msg, flush=True))
         self.stages: list[StageResult] = []
 
-    def _stage(self, name, folder, inputs, fn, resumable: bool = True) -> StageResult:
-        res = run_stage(name, folder, inputs, fn, log=self.log, resumable=resumable)
+    def _stage(self, name, folder, inputs, fn, resumable: bool = True, still_valid=None) -> StageResult:
+        res = run_stage(name, folder, inputs, fn, log=self.log, resumable=resumable, still_valid=still_valid)
         self.stages.append(res)
         return res
 
@@ -157,6 +166,8 @@ class Pipeline:
         return known[key]
 
     def store(self, ckpt: Path, teacher_id: dict, arch: str | None, paths: dict, ids: dict) -> tuple[Path | None, str | None]:
+        """Extract the store; returns its path and what the students' hashes name it by: its
+        identity (a digest of its contents), or the stage hash for a format 1 store."""
         if not self.recipe.strategies:
             return None, None
         feats = resolve_store_features(self.recipe, arch)
@@ -164,18 +175,31 @@ class Pipeline:
         # extraction batch size is part of a store's identity (stage one resumes only with the same)
         inputs = {"teacher": teacher_id, "data": ids["train"], "features": sorted(feats), "dtype": st.dtype,
                   "batch_size": st.batch_size, "options": st.options}
-        res = self._stage(
-            "store (extract teacher features)", self.out / "store", inputs,
-            lambda f: (B.extract(ckpt, self.recipe.teacher.preset, paths["train"], f / "teacher.zarr", feats,
-                                 st.dtype, st.batch_size, self.device, st.options) or {"store": "teacher.zarr"}),
-        )
-        return self.out / "store" / "teacher.zarr", res.input_hash
 
-    def student(self, spec: StrategySpec | None, paths: dict, ids: dict, store: Path | None,
-                store_hash: str | None) -> StageResult:
+        def extract(folder: Path) -> dict:
+            B.extract(ckpt, self.recipe.teacher.preset, paths["train"], folder / STORE, feats, st.dtype, st.batch_size,
+                      self.device, st.options)
+            # (a JSON object, not a string: string outputs name files)
+            return {"store": STORE, "identity": {STORE: recorded_identity(folder / STORE)}}
+
+        def same_store(folder: Path, outputs: dict) -> str | None:
+            # cheap (the identity the store records): the contents themselves are checked as they
+            # are read, and by `kdcache store verify`
+            now, made = recorded_identity(folder / STORE), (outputs.get("identity") or {}).get(STORE)
+            if now == made:
+                return None
+            return f"{STORE} was replaced (its identity is {_short_id(now)}, the one extracted here {_short_id(made)})"
+
+        res = self._stage("store (extract teacher features)", self.out / "store", inputs, extract,
+                          still_valid=same_store)
+        return self.out / "store" / STORE, (res.outputs.get("identity") or {}).get(STORE) or res.input_hash
+
+    def student_job(self, spec: StrategySpec | None, seed: int, paths: dict, ids: dict, store: Path | None,
+                    store_id: str | None) -> "StudentJob":
+        """What one student run needs: its stage's name, folder, inputs and training settings."""
         r = self.recipe
         name = "baseline" if spec is None else spec.name
-        train = r.student_train(spec)
+        train = r.student_train(spec, seed)
         settings = {**train, "student": r.student.preset, "student_overrides": r.student.overrides,
                     "data": paths["train"], "val": paths["val"]}
         inputs = {"preset": r.student.preset, "overrides": r.student.overrides, "train": _result_settings(train),
@@ -185,11 +209,97 @@ class Pipeline:
             inputs["strategy"] = "none"
         else:
             settings.update(strategy=spec.strategy_string, feature_loss=spec.loss, store=str(store))
-            inputs.update(strategy=spec.terms, loss=spec.loss, store=store_hash)
+            # the store's identity: a student trained on other targets is out of date
+            inputs.update(strategy=spec.terms, loss=spec.loss, store=store_id)
         label = "student baseline (no distillation)" if spec is None else f"student {name} ({spec.label()})"
-        return self._stage(label, self.out / "students" / name, inputs, lambda f: B.train(settings, f, self.device))
+        run = self.run_id(name, seed)
+        if len(r.seeds) > 1:
+            label += f", seed {seed}"
+        return StudentJob(run, label, self.out / "students" / run, inputs, settings, self.device)
 
-    def evaluate(self, name: str, ckpt: Path, model_id, test_path: str, test_id, is_teacher: bool) -> StageResult:
+    def run_id(self, name: str, seed: int) -> str:
+        """Folder name of one run: ``<name>``, or ``<name>_seed<k>`` when the recipe has several seeds."""
+        return f"{name}_seed{seed}" if len(self.recipe.seeds) > 1 else name
+
+    def train_students(self, jobs: list["StudentJob"]) -> dict[str, StageResult]:
+        """Run the student stages, ``self.jobs`` at a time (processes), in the given order."""
+        if self.jobs <= 1 or len(jobs) <= 1:
+            results = {}
+            for i, job in enumerate(jobs):
+                self.log(f"[{i + 1}/{len(jobs)}] {job.label}")
+                results[job.run] = self._stage(job.label, job.folder, job.inputs,
+                                               lambda f, job=job: B.train(job.settings, f, job.device))
+            return results
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        from kdcache.runtime import default_cpu_threads
+
+        # each process gets its share of the cores: more threads than cores make small CPU
+        # matmuls an order of magnitude slower (see kdcache.runtime)
+        threads = max(1, default_cpu_threads() * 2 // self.jobs) if self.device == "cpu" else 1
+        self.log(f"students: {len(jobs)} runs, {self.jobs} at a time ({threads} CPU thread(s) each)")
+        with cf.ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {job.run: pool.submit(_student_stage, job, threads) for job in jobs}
+            results = {}
+            for job in jobs:
+                try:
+                    res, lines = futures[job.run].result()
+                except BaseException:
+                    for f in futures.values():
+                        f.cancel()
+                    raise
+                for line in lines:
+                    self.log(line)
+                self.stages.append(res)
+                results[job.run] = res
+        return results
+
+    def choose_lambdas(self, runs: dict[str, StageResult], paths: dict, ids: dict) -> dict[str, StrategySpec]:
+        """The λ of each strategy's sweep, chosen on the **validation** split (never the test split).
+
+        Score of a candidate: the mean over seeds of (energy MAE / same-seed baseline energy MAE +
+        force MAE / same-seed baseline force MAE) on the validation split; the lowest wins."""
+        r = self.recipe
+        chosen = {s.name: s for s in r.strategies if not s.sweep}
+        sweeps = [s for s in r.strategies if s.sweep]
+        if not sweeps:
+            return chosen
+        bench = {}
+        for seed in r.seeds:
+            run = self.run_id("baseline", seed)
+            bench[seed] = self.evaluate(run, runs[run], paths["val"], ids["val"], split="val")
+        for spec in sweeps:
+            scores = {}
+            for cand in spec.candidates():
+                ratios = []
+                for seed in r.seeds:
+                    run = self.run_id(cand.name, seed)
+                    m = self.evaluate(run, runs[run], paths["val"], ids["val"], split="val")
+                    b = bench[seed]
+                    ratios.append(m["energy_mae"] / b["energy_mae"] + m["force_mae"] / b["force_mae"])
+                scores[cand.name] = (sum(ratios) / len(ratios), cand)
+            best = min(scores, key=lambda k: scores[k][0])
+            chosen[spec.name] = scores[best][1]
+            self.log(f"lambda of {spec.name} (validation split, mean over seeds of E/E_baseline + F/F_baseline): "
+                     + ", ".join(f"{c.label()} {v:.4f}" for v, c in scores.values()) + f" -> {scores[best][1].label()}")
+        return chosen
+
+    def evaluate(self, name: str, run: StageResult, data_path: str, data_id, split: str = "val") -> dict:
+        """Metrics of a student run on a split (a stage: computed once)."""
+        ckpt = run.folder / run.outputs["checkpoint"]
+        inputs = {"model": run.input_hash, "data": data_id, "batch_size": self.recipe.eval["batch_size"]}
+
+        def fn(folder: Path) -> dict:
+            metrics = B.evaluate(ckpt, data_path, self.recipe.eval["batch_size"], self.device)
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            return {"metrics": "metrics.json"}
+
+        res = self._stage(f"eval {name} ({split} split)", self.out / f"eval-{split}" / name, inputs, fn,
+                          resumable=False)
+        return json.loads((res.folder / "metrics.json").read_text())
+
+    def evaluate_test(self, name: str, ckpt: Path, model_id, test_path: str, test_id, is_teacher: bool) -> StageResult:
         r = self.recipe
         n_feat = max(r.report["cka_samples"], r.report["parity_samples"])
         feats = ("node", "e2n") if is_teacher else ("node",)
@@ -197,17 +307,35 @@ class Pipeline:
                   "samples": n_feat, "features": list(feats)}
 
         def fn(folder: Path) -> dict:
-            # predictions/features first: that pass also warms up (allocator, lazy set-up), so the
-            # throughput measured by the evaluation is not charged with first-call costs
             preds, hidden = B.collect(ckpt, test_path, n_feat, r.eval["batch_size"], self.device, feats)
             np.savez(folder / "predictions.npz", **preds)
             np.savez(folder / "features.npz", **hidden)
             metrics = B.evaluate(ckpt, test_path, r.eval["batch_size"], self.device)
+            metrics.pop("samples_per_s", None)  # measured once per architecture (see throughput)
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
             return {"metrics": "metrics.json", "predictions": "predictions.npz", "features": "features.npz"}
 
         return self._stage(f"eval {name} (test split)", self.out / "eval" / name, inputs, fn, resumable=False)
+
+    def throughput(self, models: dict[str, tuple[Path, object]], test_path: str, test_id) -> dict[str, float]:
+        """Inference samples/s of each architecture, measured once: interleaved repeats, median.
+
+        Args:
+            models: architecture label -> (checkpoint, its identity)."""
+        inputs = {"models": {k: v[1] for k, v in models.items()}, "test": test_id,
+                  "batch_size": self.recipe.eval["batch_size"], "device": self.device}
+
+        def fn(folder: Path) -> dict:
+            figures = B.throughput({k: v[0] for k, v in models.items()}, test_path, self.recipe.eval["batch_size"],
+                                   self.device)
+            (folder / "throughput.json").write_text(json.dumps(figures, indent=2))
+            self.log("  " + ", ".join(f"{k} {v:.1f} samples/s" for k, v in figures.items()))
+            return {"throughput": "throughput.json"}
+
+        res = self._stage("throughput (inference, interleaved repeats)", self.out / "eval" / "throughput", inputs, fn,
+                          resumable=False)
+        return json.loads((res.folder / "throughput.json").read_text())
 
     # --- whole run ------------------------------------------------------------------------------
     def run(self) -> PipelineResult:
@@ -215,29 +343,36 @@ class Pipeline:
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "recipe.yaml").write_text(yaml.safe_dump(r.raw, sort_keys=False))
-        n_students = 1 + len(r.strategies)
+        specs = [None] + [c for s in r.strategies for c in s.candidates()]
         self.log(f"pipeline {r.name}: {r.path} -> {self.out} (device {self.device}; "
-                 f"teacher {r.teacher.preset or r.teacher.checkpoint}, {n_students} students of {r.student.preset})")
+                 f"teacher {r.teacher.preset or r.teacher.checkpoint}, {len(specs) * len(r.seeds)} student runs of "
+                 f"{r.student.preset}: {len(specs)} settings x {len(r.seeds)} seed(s))")
 
         paths, ids = self.data()
         ckpt, teacher_id, arch = self.teacher(paths, ids)
-        store, store_hash = self.store(ckpt, teacher_id, arch, paths, ids)
+        store, store_id = self.store(ckpt, teacher_id, arch, paths, ids)
 
-        runs: dict[str, tuple[Path, StageResult, StrategySpec | None]] = {}
-        for i, spec in enumerate([None] + list(r.strategies)):
-            name = "baseline" if spec is None else spec.name
-            self.log(f"[{i + 1}/{n_students}] student {name}")
-            res = self.student(spec, paths, ids, store, store_hash)
-            runs[name] = (res.folder / res.outputs["checkpoint"], res, spec)
+        # every run reads the one store; none loads the teacher
+        jobs = [self.student_job(spec, seed, paths, ids, store, store_id) for spec in specs for seed in r.seeds]
+        runs = self.train_students(jobs)
+        chosen = self.choose_lambdas(runs, paths, ids)
 
-        evals = {"teacher": self.evaluate("teacher", ckpt, teacher_id, paths["test"], ids["test"], True)}
-        for name, (sckpt, res, _) in runs.items():
-            evals[name] = self.evaluate(name, sckpt, res.input_hash, paths["test"], ids["test"], False)
+        evals = {"teacher": self.evaluate_test("teacher", ckpt, teacher_id, paths["test"], ids["test"], True)}
+        for name in ["baseline"] + [chosen[s.name].name for s in r.strategies]:
+            for seed in r.seeds:
+                run = self.run_id(name, seed)
+                res = runs[run]
+                evals[run] = self.evaluate_test(run, res.folder / res.outputs["checkpoint"], res.input_hash,
+                                                paths["test"], ids["test"], False)
+        base = runs[self.run_id("baseline", r.seeds[0])]
+        speed = self.throughput({"teacher": (ckpt, teacher_id),
+                                 "student": (base.folder / base.outputs["checkpoint"], base.input_hash)},
+                                paths["test"], ids["test"])
 
-        rows = self._rows(evals, runs, arch)
+        rows = self._rows(evals, chosen, arch, speed)
         rep = self._stage("report", self.out / "report",
                           {"evals": {k: v.input_hash for k, v in evals.items()}, "report": r.report,
-                           "rows": [[row.name, row.kind, row.strategy] for row in rows]},
+                           "throughput": speed, "rows": [[row.name, row.kind, row.strategy] for row in rows]},
                           lambda f: self._write_report(f, rows, evals, runs), resumable=False)
         R.add_gaps(rows)
         self.log("")
@@ -245,18 +380,21 @@ class Pipeline:
         self.log(f"\nreport: {rep.folder / 'report.md'}  ({time.time() - t0:.1f}s)")
         return PipelineResult(self.out, rows, self.stages, rep.folder / "report.md", rep.folder / "report.csv")
 
-    def _rows(self, evals: dict, runs: dict, arch: str | None) -> list[R.Row]:
+    def _rows(self, evals: dict, chosen: dict, arch: str | None, speed: dict) -> list[R.Row]:
         r = self.recipe
-        rows = []
-        for name, res in evals.items():
-            metrics = json.loads((res.folder / "metrics.json").read_text())
-            if name == "teacher":
-                rows.append(R.Row("teacher", "teacher", metrics, model=r.teacher.preset or arch or ""))
-            elif name == "baseline":
-                rows.append(R.Row("baseline", "baseline", metrics, model=r.student.preset or ""))
-            else:
-                spec = runs[name][2]
-                rows.append(R.Row(name, "distilled", metrics, strategy=spec.label(), model=r.student.preset or ""))
+
+        def metrics(run: str, who: str) -> dict:
+            m = json.loads((evals[run].folder / "metrics.json").read_text())
+            m["samples_per_s"] = speed[who]
+            return m
+
+        rows = [R.Row("teacher", "teacher", metrics("teacher", "teacher"), model=r.teacher.preset or arch or "")]
+        for name, spec in [("baseline", None)] + [(s.name, chosen[s.name]) for s in r.strategies]:
+            run_name = "baseline" if spec is None else spec.name
+            per_seed = [metrics(self.run_id(run_name, seed), "student") for seed in r.seeds]
+            kind = "baseline" if spec is None else "distilled"
+            rows.append(R.Row.over_seeds(name, kind, per_seed, r.seeds, model=r.student.preset or "",
+                                         strategy="" if spec is None else spec.label()))
         return R.add_gaps(rows)
 
     def _write_report(self, folder: Path, rows: list, evals: dict, runs: dict) -> dict:
@@ -270,7 +408,11 @@ class Pipeline:
         extra = ""
         if r.report["plots"]:
             curves = {}
-            for name, (_, res, _) in runs.items():
+            # the reported runs of the first seed (a sweep's other λ and other seeds would crowd it)
+            shown = {row.name: self.run_id(row.name if row.kind == "baseline" else _run_of(row, r), r.seeds[0])
+                     for row in rows if row.kind != "teacher"}
+            for name, run in shown.items():
+                res = runs[run]
                 mfile = res.outputs.get("metrics")
                 if mfile:
                     try:
@@ -282,10 +424,18 @@ class Pipeline:
                 figs["Validation energy MAE vs step"] = "val_energy_mae.png"
                 outputs["curves"] = "val_energy_mae.png"
             preds = {}
-            for name, res in evals.items():
+            for name in ["teacher", *shown]:
+                res = evals["teacher" if name == "teacher" else shown[name]]
                 with np.load(res.folder / "predictions.npz") as z:
                     preds[name] = {k: z[k] for k in z.files}
-            P.plot_parity(preds, folder / "parity.png")
+            n_parity = len(next(iter(preds.values()))["energy_true"])
+            n_test = int(rows[0].metrics.get("num_samples") or n_parity)
+            note = (f"MAE over the first {n_parity} of {n_test} test samples and all their atoms "
+                    f"(the table: all {n_test} samples, free atoms only)" if n_parity < n_test else
+                    "MAE over all test samples and all atoms (the table's force MAE: free atoms only)")
+            if len(r.seeds) > 1:
+                note += f"; seed {r.seeds[0]}"
+            P.plot_parity(preds, folder / "parity.png", note=note)
             figs["Predicted vs true energies and forces (test)"] = "parity.png"
             outputs["parity"] = "parity.png"
             # CKA on the same test atoms: students' node features vs each teacher feature
@@ -293,10 +443,10 @@ class Pipeline:
                 teacher_feats = {k: z[k] for k in z.files}
             n_atoms = int(np.load(evals["teacher"].folder / "predictions.npz")["natoms"][: r.report["cka_samples"]].sum())
             cols = [c for c in ("node", "e2n") if c in teacher_feats]
-            names = [n for n in evals if n != "teacher"]
+            names = list(shown)
             values = np.full((len(names), len(cols)), np.nan)
             for i, name in enumerate(names):
-                with np.load(evals[name].folder / "features.npz") as z:
+                with np.load(evals[shown[name]].folder / "features.npz") as z:
                     if "node" not in z.files:
                         continue
                     s = z["node"][:n_atoms]
@@ -319,8 +469,43 @@ class Pipeline:
 
 
 def run_pipeline(recipe: str | Path | Recipe, out: str | Path | None = None, device: str | None = None,
-                 log: Callable[[str], None] | None = None) -> PipelineResult:
-    """Run a recipe (a path or a loaded :class:`Recipe`); see the module docstring."""
+                 log: Callable[[str], None] | None = None, jobs: int = 1) -> PipelineResult:
+    """Run a recipe (a path or a loaded :class:`Recipe`); see the module docstring.
+
+    Args:
+        jobs: student runs trained side by side (processes; on a GPU they share it).
+    """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return Pipeline(recipe, out=out, device=device, log=log).run()
+    return Pipeline(recipe, out=out, device=device, log=log, jobs=jobs).run()
+
+
+@dataclass
+class StudentJob:
+    """One student run of a pipeline (plain data: it travels to a worker process)."""
+
+    run: str
+    label: str
+    folder: Path
+    inputs: dict
+    settings: dict
+    device: str
+
+
+def _run_of(row: R.Row, recipe: Recipe) -> str:
+    """Run name of a reported distilled row: its chosen candidate (``<name>_lam<λ>`` for a sweep)."""
+    spec = next(s for s in recipe.strategies if s.name == row.name)
+    if not spec.sweep:
+        return spec.name
+    return next(c.name for c in spec.candidates() if c.label() == row.strategy)
+
+
+def _student_stage(job: StudentJob, threads: int) -> tuple[StageResult, list[str]]:
+    """A student stage in a worker process; its log lines go back to the parent."""
+    from kdcache.runtime import set_cpu_threads
+
+    set_cpu_threads(threads)
+    lines: list[str] = []
+    res = run_stage(job.label, job.folder, job.inputs, lambda f: B.train({**job.settings, "progress": False}, f, job.device),
+                    log=lines.append)
+    return res, lines

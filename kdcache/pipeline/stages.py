@@ -6,8 +6,10 @@ input hash equals the current one and its outputs exist. A stage that is ``runni
 same inputs was interrupted: it runs again and resumes itself (training and extraction resume
 from their own checkpoints). A stage whose inputs changed starts over in an emptied folder.
 
-Downstream stages put their upstream stages' hashes into their own inputs, so a change anywhere
-re-runs exactly what depends on it.
+Downstream stages put their upstream stages' hashes (or the identity of what those produced) into
+their own inputs, so a change anywhere re-runs exactly what depends on it. A stage can also check
+that its outputs are still the ones it made (``still_valid``): the store stage notices a store
+replaced behind its back and runs again.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def run_stage(
     log: Callable[[str], None] = print,
     force: bool = False,
     resumable: bool = True,
+    still_valid: Callable[[Path, dict], str | None] | None = None,
 ) -> StageResult:
     """Run ``fn(folder) -> outputs`` unless the stage is up to date.
 
@@ -134,16 +137,23 @@ def run_stage(
         force: run even when up to date.
         resumable: the work resumes from what an interrupted attempt left in ``folder``
             (training, extraction); if False an interrupted attempt's folder is emptied first.
+        still_valid: ``(folder, recorded outputs) -> None``, or why the outputs of an up-to-date
+            stage are no longer the ones it made (then the stage runs again in an emptied folder).
     """
     folder = Path(folder)
     h = hash_inputs(inputs)
     prev = read_stage(folder)
     if prev and not force and prev.get("input_hash") == h and prev.get("status") == "done":
         outputs = prev.get("outputs", {})
-        if _outputs_exist(folder, outputs):
+        if not _outputs_exist(folder, outputs):
+            log(f"rerun: {name}: outputs missing in {folder}")
+        elif (why := still_valid(folder, outputs) if still_valid else None) is None:
             log(f"skip: {name} up to date ({folder})")
             return StageResult(name, folder, h, outputs, skipped=True, info=prev.get("info", {}))
-        log(f"rerun: {name}: outputs missing in {folder}")
+        else:  # what is there was not made by this stage: nothing in it to resume from
+            log(f"rerun: {name}: {why}; clearing {folder}")
+            shutil.rmtree(folder, ignore_errors=True)
+            prev = None
     if prev and prev.get("input_hash") != h:
         changed = _changed_keys(prev.get("inputs", {}), canonical(inputs))
         log(f"rerun: {name}: inputs changed ({', '.join(changed[:6]) or 'unknown'}); clearing {folder}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdcache.errors import ConfigError
+from kdcache.errors import CheckpointError, ConfigError
 from kdcache.pipeline import backends as B
 from kdcache.pipeline.recipe import Recipe, load_recipe
 from kdcache.pipeline.runner import resolve_store_features
@@ -34,7 +34,8 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
     def fail(key, msg):
         return ConfigError(f"recipe {r.path}: key {key!r}: {msg}")
 
-    summary: dict = {"name": r.name, "out": str(r.out), "runs": ["baseline"] + [s.name for s in r.strategies]}
+    runs = ["baseline"] + [c.name for s in r.strategies for c in s.candidates()]
+    summary: dict = {"name": r.name, "out": str(r.out), "runs": runs, "seeds": list(r.seeds)}
     teacher_arch = None
     if build_models:
         for key, spec in (("teacher", r.teacher), ("students", r.student)):
@@ -64,7 +65,13 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
         if r.teacher.checkpoint is not None:
             if not Path(r.teacher.checkpoint).is_file():
                 raise fail("teacher.checkpoint", f"{r.teacher.checkpoint} does not exist")
-            teacher_arch = B.checkpoint_model_name(r.teacher.checkpoint) or teacher_arch
+            try:  # read as data only: a recipe's checkpoint is never code to run
+                teacher_arch = B.checkpoint_model_name(r.teacher.checkpoint) or teacher_arch
+                if build_models:  # the checkpoint's own model (size), not the preset's
+                    summary["teacher"] = {"preset": r.teacher.preset or "(checkpoint)",
+                                          **B.checkpoint_summary(r.teacher.checkpoint)}
+            except CheckpointError as exc:
+                raise fail("teacher.checkpoint", str(exc)) from None
     if r.strategies:
         summary["store_features"] = list(resolve_store_features(r, teacher_arch))
     return summary
@@ -78,5 +85,7 @@ def format_summary(summary: dict) -> str:
             lines.append(f"  {key:<8} {m['preset']:<16} {m['name']:<10} {m['params'] / 1e6:8.3f} M parameters")
     if "store_features" in summary:
         lines.append(f"  store    {', '.join(summary['store_features'])}")
-    lines.append(f"  runs     {', '.join(summary['runs'])}")
+    seeds = summary.get("seeds") or []
+    per = f" x {len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
+    lines.append(f"  runs     {', '.join(summary['runs'])}{per}")
     return "\n".join(lines)

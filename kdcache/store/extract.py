@@ -5,11 +5,16 @@ at the group's first sample, so its values do not depend on where a run started:
 multi-process run and an uninterrupted single run write the same bytes. Under ``torchrun`` each
 rank takes a contiguous, shard-aligned range of groups; rank 0 creates the store, waits for every
 group's marker and finishes the store.
+
+One job writes a store at a time: rank 0 holds the store's write lock
+(:mod:`kdcache.store.lock`) from before it creates or resumes the store until it is finished, and
+a second ``kdcache extract`` on the same ``--out`` is refused with a message naming the holder.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import hashlib
 import os
 import sys
@@ -22,10 +27,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from kdcache import distributed as D
 from kdcache import keys as K
 from kdcache.errors import ConfigError, DataError, StoreError
+from kdcache.fs import ensure_output_folder, naming_output
 from kdcache.store import format as F
-from kdcache.store.writer import StoreWriter, jsonable, remove_store
+from kdcache.store.lock import WriteLock
+from kdcache.store.writer import PROGRESS_DIR, StoreWriter, jsonable, remove_store
 
 RANDOM_TEACHER_WARNING = (
     "RANDOMLY INITIALISED TEACHER: no checkpoint was given, so the stored targets come from "
@@ -259,16 +267,6 @@ class ExtractResult:
         return self.seconds_write / busy if busy else 0.0
 
 
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _default_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device("cpu")
-
-
 def extract(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -306,7 +304,8 @@ def extract(
         limit: store only the first ``limit`` samples.
         shard_atoms: atoms per shard (~64 k).
         chunk_atoms: atoms per inner chunk (64-256).
-        overwrite: replace an existing store made with different settings.
+        overwrite: replace an existing store made with different settings (only a store: any
+            other existing folder or file is refused, never deleted).
         seed: initialisation seed of a checkpoint-less (random) teacher.
         progress: show a progress bar (rank 0).
         teacher_dtype: dtype the teacher runs in (``float32``; ``float64`` for parity checks).
@@ -320,44 +319,76 @@ def extract(
         raise ConfigError(f"--codec {codec!r}: choose from {list(F.CODECS)}")
     if batch_size <= 0:
         raise ConfigError("--batch-size must be positive")
-    rank, world_size, local_rank = _dist_env()
-    dev = torch.device(device) if device else _default_device(local_rank)
+    out = ensure_output_folder(out)
+    # this process's GPU is chosen (and made current) before the first collective
+    dev = D.pick_device(device)
     if dev.type == "cuda":
         # GPU scatter-adds use atomics (order-dependent sums); deterministic kernels make a
         # resumed or multi-GPU run write the same bits as an uninterrupted one
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    dist = None
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, timeout=_dt.timedelta(hours=12))
+    # hours: rank 0 waits at the end for the slowest rank's last groups
+    rank, world_size = D.setup(dev, timeout=_dt.timedelta(hours=12))
+    lock = WriteLock(out)
     try:
-        return _extract(
-            data, out, teacher, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
-            shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, dist, t_start, teacher_dtype,
-        )
+        with naming_output(out):
+            # one writer per store: rank 0 holds the lock for the whole job (module docstring
+            # of kdcache.store.lock); the other ranks start only once it has it
+            _on_rank0(rank, "lock", out, lambda: _lock_and_clean(lock, out))
+            return _extract(
+                data, out, teacher, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
+                shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, t_start, teacher_dtype,
+            )
     finally:
-        if dist is not None and dist.is_initialized():
-            dist.destroy_process_group()
+        lock.release()
+        D.cleanup()
 
 
-def _broadcast(dist, obj, rank):
-    if dist is None:
-        return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def _on_rank0(rank: int, what: str, out: Path, fn):
+    """Run ``fn`` on rank 0 and give its (picklable) result to every rank; a failure on rank 0
+    is raised on every rank, so that none waits forever for a rank that gave up.
+
+    Args:
+        rank: this process's rank.
+        what: what ``fn`` does, for the other ranks' message (``"prepare"``).
+        out: the store.
+        fn: the work, called without arguments on rank 0 only.
+    """
+    status: dict[str, Any] = {"error": None, "result": None}
+    failure = None
+    if rank == 0:
+        try:
+            status["result"] = fn()
+        except Exception as exc:
+            failure = exc
+            status["error"] = f"{type(exc).__name__}: {exc}"
+    status = D.broadcast_object(status)
+    if failure is not None:
+        raise failure
+    if status["error"]:
+        raise StoreError(f"rank 0 could not {what} {out}: {status['error']}")
+    return status["result"]
+
+
+def _lock_and_clean(lock: WriteLock, out: Path) -> None:
+    """Take the store's write lock, then remove what dead writers left behind: a store being
+    created (``.NAME.creating-PID``) and temporary shard and marker files. Only a lock holder
+    may, since a live writer's temporary files look just the same."""
+    lock.acquire()
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.creating-*"):
+        remove_store(tmp)
+    if (out / "zarr.json").is_file():
+        for tmp in out.rglob("*.partial"):  # shard files being written (kdcache's and zarr's)
+            tmp.unlink(missing_ok=True)
+        for tmp in (out / PROGRESS_DIR).glob("*.tmp"):  # group markers being written
+            tmp.unlink(missing_ok=True)
 
 
 def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
-             shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, dist, t_start,
+             shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, t_start,
              teacher_dtype) -> ExtractResult:
-    from torch_geometric.data import Batch
+    from kdcache.data.batch import collate
 
-    out = Path(out)
     dataset = open_data(data)
     n_total = len(dataset)
     n = n_total if limit is None else max(0, min(int(limit), n_total))
@@ -388,21 +419,9 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
         request["teacher"]["seed"] = seed
 
     # --- rank 0: create, resume or refuse; the others learn the outcome ---------------------
-    status: dict[str, Any] = {"error": None, "resumed": False}
-    failure = None
-    if rank == 0:
-        try:
-            status["resumed"] = _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden,
-                                               codec, shard_atoms, chunk_atoms, fingerprint, has_energy, dev, progress,
-                                               teacher_dtype)
-        except Exception as exc:  # every rank must hear about it, or the others wait forever
-            failure = exc
-            status["error"] = f"{type(exc).__name__}: {exc}"
-    status = _broadcast(dist, status, rank)
-    if failure is not None:
-        raise failure
-    if status["error"]:
-        raise StoreError(f"rank 0 could not prepare {out}: {status['error']}")
+    resumed = _on_rank0(rank, "prepare", out, lambda: _prepare_store(
+        out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden, codec, shard_atoms, chunk_atoms,
+        fingerprint, has_energy, dev, progress, teacher_dtype))
 
     writer = StoreWriter.open(out)
     lay = writer.layout
@@ -472,7 +491,7 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
                         raise DataError(data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the store "
                                         f"was laid out for {int(lay.natoms[i])}: the dataset changed; use --overwrite")
                     hashes[i - samples.start] = np.int64(_sample_hash(item)).view(np.uint64)
-                batch = _batch_to(Batch.from_data_list(items), dev, teacher_dtype)
+                batch = _batch_to(collate(items, dataset), dev, teacher_dtype)  # labels not needed
                 pred = model.predict(batch, hidden)
                 a = int(lay.atom_start[ids.start]) - lo
                 b = a + int(lay.natoms[ids.start : ids.stop].sum())
@@ -510,27 +529,29 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
             "rank0_seconds_total": round(total, 3),
         }})
     return ExtractResult(str(out), lay.num_samples, len(todo), time.perf_counter() - t_start, t_fwd, t_write,
-                         bool(status["resumed"]), rank, world_size, t_blocked)
+                         bool(resumed), rank, world_size, t_blocked)
 
 
 def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden, codec, shard_atoms,
                    chunk_atoms, fingerprint, has_energy, dev, progress, teacher_dtype) -> bool:
     """Create the store, or check an existing one can be resumed. Returns True when resuming."""
-    from torch_geometric.data import Batch
+    from kdcache.data.batch import collate
 
-    if out.exists() and not overwrite:
-        existing = StoreWriter.open(out)
-        existing.check_request(request)
-        # a run killed mid-write may leave zarr's temporary files behind
-        for tmp in out.rglob("*.partial"):
-            tmp.unlink(missing_ok=True)
+    # an empty folder (made by hand, or by a scheduler) is a store yet to be created: the
+    # rename below may replace it
+    exists = out.exists() and any(out.iterdir())
+    if exists and not overwrite:
+        StoreWriter.open(out).check_request(request)
         return True
-    if out.exists():
+    if exists:
+        if not (out / "zarr.json").is_file():
+            raise StoreError(f"{out} is a folder but not a feature store; --overwrite replaces only stores: "
+                             "remove it yourself or choose another --out")
         remove_store(out)
     # one forward on the first sample tells the feature widths
     if n == 0:
         raise ConfigError(f"{dataset!r} has no samples to extract")
-    probe = model.predict(_batch_to(Batch.from_data_list([dataset[0]]), dev, teacher_dtype), hidden)
+    probe = model.predict(_batch_to(collate([dataset[0]], dataset), dev, teacher_dtype), hidden)
     row_shapes = {k: tuple(probe[k].shape[1:]) for k in keys}
     natoms = dataset_natoms(dataset, n, progress=progress)
     # A dataset smaller than one shard gets one shard of its own size: padding a few thousand

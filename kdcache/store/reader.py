@@ -5,6 +5,11 @@ samples per second. The store's uncompressed shards are plain C-order arrays fol
 index (see ``docs/store-format.md``), so :class:`FeatureStore` memory-maps each written shard
 file once per process and gathers a batch's atom rows with numpy slicing. Anything not in that
 form (a compressed store, a shard written by another tool) falls back to zarr for that shard.
+
+Nothing damaged is served: the per-sample arrays are checked against their recorded checksums at
+open, and each shard file when a process first opens it (a missing file, another size or
+checksum, a broken shard index raise :class:`StoreError`). A shard is checked once per process,
+however often it is read; the checksum runs at ~10 GB/s, below the cost of one copy.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ class FeatureStore:
     Args:
         path: the store folder.
         require_complete: refuse a store whose extraction has not finished.
+        load_samples: check and load the per-sample arrays now; ``False`` leaves that to
+            :meth:`load_samples` (``kdcache store verify`` first checks every file itself).
     """
 
-    def __init__(self, path: str | os.PathLike, require_complete: bool = True):
+    def __init__(self, path: str | os.PathLike, require_complete: bool = True, load_samples: bool = True):
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path}: no feature store here (no zarr.json)")
@@ -45,7 +52,8 @@ class FeatureStore:
         attrs = dict(root.attrs).get(F.ATTR)
         if not attrs or attrs.get("format") != F.FORMAT_NAME:
             raise StoreError(f"{self.path}: not a kdcache feature store (no {F.ATTR!r} attribute)")
-        if int(attrs.get("format_version", 0)) > F.FORMAT_VERSION:
+        self.format_version = int(attrs.get("format_version", 0))
+        if self.format_version > F.FORMAT_VERSION:
             raise StoreError(f"{self.path}: store format {attrs['format_version']} is newer than this kdcache reads ({F.FORMAT_VERSION})")
         self.complete = bool(attrs.get("complete"))
         if require_complete and not self.complete:
@@ -58,14 +66,32 @@ class FeatureStore:
         self.provenance: dict[str, Any] = attrs
         self.per_atom_keys: tuple[str, ...] = tuple(attrs["per_atom_keys"])
         self.dtypes: dict[str, str] = dict(attrs["dtypes"])
-        self.sample_index = np.asarray(root[K.SAMPLE_INDEX][:], dtype=np.int64)
-        self.natoms = np.asarray(root[K.NATOMS][:], dtype=np.int64)
-        self.atom_start = np.asarray(root[F.ATOM_START][:], dtype=np.int64)
-        self.energy = np.asarray(root[K.ENERGY][:], dtype=np.float64)
-        self.sample_hash = np.asarray(root[F.SAMPLE_HASH][:], dtype=np.uint64)
+        self._records = self._checksum_records(attrs)
+        self._arrays = {k: self._array(root, k) for k in (*F.PER_SAMPLE_KEYS, *self.per_atom_keys)}
+        self._metas = {k: a.metadata for k, a in self._arrays.items()}
         self._shard_atoms = int(attrs["layout"]["shard_atoms"])
-        self._specs = {k: F.shard_spec(root[k]) for k in self.per_atom_keys}
-        self._chunk_keys = {k: root[k].metadata for k in self.per_atom_keys}
+        self._specs = {k: F.shard_spec(self._arrays[k]) for k in self.per_atom_keys}
+        self._pid = None
+        self._maps: dict[tuple[str, int], np.ndarray] = {}
+        self._torch_maps: dict[tuple[str, int], torch.Tensor] = {}
+        #: (key, shard) -> how it is read: "mmap" (fast path), "chunked" or "zarr"
+        self.map_kinds: dict[tuple[str, int], str] = {}
+        self._zarr_root = None
+        if load_samples:
+            self.load_samples()
+
+    def load_samples(self) -> None:
+        """Check the per-sample arrays' files (small: at every open, before anything is read)
+        and load them."""
+        if self.checksummed:  # (a format 1 store may lack the file of an all-zero chunk)
+            for key in F.PER_SAMPLE_KEYS:
+                for i in range(self.num_files(key)):
+                    self.check_file(key, i)
+        self.sample_index = self._values(K.SAMPLE_INDEX, np.int64)
+        self.natoms = self._values(K.NATOMS, np.int64)
+        self.atom_start = self._values(F.ATOM_START, np.int64)
+        self.energy = self._values(K.ENERGY, np.float64)
+        self.sample_hash = self._values(F.SAMPLE_HASH, np.uint64)
         # dataset index -> store row
         n = len(self.sample_index)
         self._row_of: np.ndarray | None = None
@@ -74,12 +100,78 @@ class FeatureStore:
             order = np.argsort(self.sample_index, kind="stable")
             self._sorted_index = self.sample_index[order]
             self._sorted_rows = order
-        self._pid = None
-        self._maps: dict[tuple[str, int], np.ndarray] = {}
-        self._torch_maps: dict[tuple[str, int], torch.Tensor] = {}
-        #: (key, shard) -> how it is read: "mmap" (fast path), "chunked" or "zarr"
-        self.map_kinds: dict[tuple[str, int], str] = {}
-        self._zarr_root = None
+
+    def _values(self, key: str, dtype) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays[key][:], dtype=dtype)
+        except Exception as exc:  # a chunk zarr cannot decode (only possible unchecked: format 1)
+            raise StoreError(f"{self.path}: array {key!r} cannot be read ({type(exc).__name__}: {exc}); "
+                             f"{F.DAMAGED_HINT}") from exc
+
+    # --- integrity --------------------------------------------------------------------------
+    def _array(self, root, key: str):
+        try:
+            return root[key]
+        except Exception as exc:  # zarr raises several types for absent or broken metadata
+            raise StoreError(f"{self.path}: array {key!r} is missing or its metadata cannot be read ({exc}); "
+                             f"{F.DAMAGED_HINT}") from exc
+
+    def _checksum_records(self, attrs: dict) -> dict[str, list] | None:
+        """``key -> [[nbytes, checksum], ...]`` of a finished store, or None where nothing is
+        recorded (an unfinished store, or a format 1 store: read unverified)."""
+        if not self.complete:
+            return None
+        rec = attrs.get("checksums") or {}
+        if self.format_version < 2:
+            warnings.warn(f"{self.path}: a format {self.format_version} store records no checksums; its contents are "
+                          "read unverified (extract it again to get them)", stacklevel=3)
+            return None
+        if rec.get("algorithm") != F.CHECKSUM or not isinstance(rec.get("files"), dict):
+            raise StoreError(f"{self.path}: a format {self.format_version} store must record {F.CHECKSUM} checksums of "
+                             f"its files, this one records {rec.get('algorithm')!r}; {F.DAMAGED_HINT}")
+        return rec["files"]
+
+    def _record(self, key: str, i: int) -> list | None:
+        if self._records is None:
+            return None
+        files = self._records.get(key) or []
+        if i >= len(files):
+            raise StoreError(f"{self.path}: array {key!r}: no checksum recorded for its file {i}; {F.DAMAGED_HINT}")
+        return files[i]
+
+    @property
+    def checksummed(self) -> bool:
+        """The store records the checksum of every data file (a finished format 2 store)."""
+        return self._records is not None
+
+    def num_files(self, key: str) -> int:
+        """Data files of array ``key``: shard files of a per-atom array, chunk files of a
+        per-sample one."""
+        return F.num_data_files(self._metas[key])
+
+    def data_file(self, key: str, i: int) -> Path:
+        return F.data_file(self.path, key, self._metas[key], i)
+
+    def check_file(self, key: str, i: int, hash_data: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Check data file ``i`` of ``key`` (see :func:`format.check_data_file`).
+
+        Returns:
+            ``(bytes, shard index)``: the file memory-mapped, and its index for a shard file.
+
+        Raises:
+            StoreError: naming the store, the array and the file, when the file is damaged.
+        """
+        file = self.data_file(key, i)
+        spec = self._specs.get(key)
+        where = f"{self.path}: array {key!r}, {'shard' if spec else 'chunk'} file {file.relative_to(self.path).as_posix()}"
+        raw = F.map_file(file)
+        return raw, F.check_data_file(raw, self._record(key, i), where, spec, hash_data)
+
+    @property
+    def identity(self) -> str | None:
+        """The identity the store records (a digest over its checksums and metadata; None for
+        format 1 and unfinished stores)."""
+        return self.provenance.get("identity") if self.complete else None
 
     @classmethod
     def open(cls, path: str | os.PathLike, dataset=None, require_complete: bool = True) -> "FeatureStore":
@@ -93,6 +185,21 @@ class FeatureStore:
         return store
 
     # --- description ------------------------------------------------------------------------
+    def standardizer(self, key: str):
+        """The shift/scale of ``feature_norm: standard`` for stored target ``key``, from the
+        statistics extraction recorded (:mod:`kdcache.store.stats`).
+
+        Raises:
+            StoreError: the store has no statistics of ``key`` (made before kdcache recorded them).
+        """
+        from kdcache.store.stats import Standardizer
+
+        summary = (self.provenance.get("stats") or {}).get(key)
+        if summary is None:
+            raise StoreError(f"{self.path}: no statistics of {key!r} recorded (a store made by an older "
+                             f"kdcache); extract it again, or train with feature_norm: none")
+        return Standardizer.from_summary(key, summary)
+
     @property
     def feature_keys(self) -> tuple[str, ...]:
         keys = list(self.per_atom_keys)
@@ -127,30 +234,32 @@ class FeatureStore:
     # --- reading ----------------------------------------------------------------------------
     def _shard(self, key: str, shard: int) -> np.ndarray:
         """The whole shard ``shard`` of ``key`` as a ``[shard_atoms, *row]`` array (memory-mapped
-        when possible). Opened lazily, once per process."""
+        when possible). Opened lazily and checked (:func:`format.check_data_file`), once per
+        process."""
         m = self._maps.get((key, shard))
         if m is not None:
             return m
         spec = self._specs[key]
-        rel = self._chunk_keys[key].encode_chunk_key((shard,) + (0,) * len(spec.row_shape))
-        file = self.path / key / rel
         shape = (spec.shard_atoms, *spec.row_shape)
-        m = None
-        if spec.raw and file.is_file():
-            index = F.read_shard_index(str(file), spec)
+        m = index = None
+        # a finished store has every shard file (kdcache writes them all); an unfinished one may
+        # lack those of groups not written yet, which read as zeros
+        if self.complete or self.data_file(key, shard).is_file():
+            raw, index = self.check_file(key, shard)
+        if spec.raw and index is not None:
             offset = F.contiguous_data_offset(index, spec)
             if offset is not None:
-                # a plain ndarray view of the map (it keeps the map alive): slicing a np.memmap
-                # subclass costs more than copying a small sample's rows
-                m = np.memmap(file, dtype=spec.dtype, mode="r", offset=offset, shape=shape).view(np.ndarray)
+                # a plain ndarray view of the (checked) map: slicing a np.memmap subclass costs
+                # more than copying a small sample's rows
+                m = raw[offset : offset + spec.chunks_per_shard * spec.chunk_nbytes].view(spec.dtype).reshape(shape)
                 self.map_kinds[(key, shard)] = "mmap"
             else:  # raw, but chunks absent or out of order (written by another tool)
-                m = _ChunkedShard(file, index, spec)
+                m = _ChunkedShard(raw, index, spec)
                 self.map_kinds[(key, shard)] = "chunked"
-        if m is None:  # compressed, or no shard file (all fill value): let zarr decode rows
+        if m is None:  # compressed, or no shard file yet (an unfinished store): let zarr decode rows
             if self._zarr_root is None:
                 self._zarr_root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
-            m = _ZarrRows(self._zarr_root[key], shard * spec.shard_atoms)
+            m = _ZarrRows(self._zarr_root[key], shard * spec.shard_atoms, f"{self.path}: array {key!r}, shard {shard}")
             self.map_kinds[(key, shard)] = "zarr"
         self._maps[(key, shard)] = m
         return m
@@ -259,7 +368,7 @@ class FeatureStore:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_maps"], state["map_kinds"], state["_zarr_root"], state["_pid"] = {}, {}, None, None
-        state["_torch_maps"] = {}
+        state["_torch_maps"], state["_arrays"] = {}, None  # arrays: only for load_samples(), done by now
         return state
 
     def __repr__(self) -> str:
@@ -270,12 +379,11 @@ class _ChunkedShard:
     """Rows of an uncompressed shard whose inner chunks are not back to back: each chunk is a
     memory-mapped view, an absent chunk reads as zeros (the fill value)."""
 
-    def __init__(self, file, index: np.ndarray, spec: F.ShardSpec):
+    def __init__(self, raw: np.ndarray, index: np.ndarray, spec: F.ShardSpec):
         self.spec = spec
         self.chunks: list[np.ndarray | None] = []
-        raw = np.memmap(file, dtype=np.uint8, mode="r")
         for off, nbytes in index.tolist():
-            if off == 2**64 - 1:
+            if off == F.ABSENT:
                 self.chunks.append(None)
             else:
                 self.chunks.append(raw[off : off + nbytes].view(spec.dtype).reshape(spec.chunk_atoms, *spec.row_shape))
@@ -296,11 +404,14 @@ class _ChunkedShard:
 class _ZarrRows:
     """Rows of one shard read through zarr (compressed stores): decodes only the needed chunks."""
 
-    def __init__(self, array, base: int):
-        self.array, self.base = array, base
+    def __init__(self, array, base: int, where: str):
+        self.array, self.base, self.where = array, base, where
 
     def __getitem__(self, sl: slice) -> np.ndarray:
-        return np.asarray(self.array[self.base + sl.start : self.base + sl.stop])
+        try:
+            return np.asarray(self.array[self.base + sl.start : self.base + sl.stop])
+        except Exception as exc:  # a chunk the codec cannot decode (a format 1 store has no checksums)
+            raise StoreError(f"{self.where}: cannot be decoded ({type(exc).__name__}: {exc}); {F.DAMAGED_HINT}") from exc
 
 
 class _TorchRows:

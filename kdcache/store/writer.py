@@ -2,9 +2,10 @@
 
 Work is done in *groups* (see :class:`~kdcache.store.format.Layout`): a group's per-atom rows are
 written as whole shards by one process, then a small marker file records that the group is in,
-with its per-sample energies and hashes. A run killed at any moment leaves at worst a group without
-a marker, which the next run redoes from scratch; the store is marked complete only by
-:meth:`StoreWriter.finalize`, after every group's marker is found.
+with its per-sample energies and hashes and the size and checksum of each of its shard files. A run
+killed at any moment leaves at worst a group without a marker, which the next run redoes from
+scratch; the store is marked complete only by :meth:`StoreWriter.finalize`, after every group's
+marker is found: it records every data file's checksum and the store's identity.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ import zarr
 import kdcache
 from kdcache import keys as K
 from kdcache.errors import StoreError
+from kdcache.store.stats import STATS_KEYS, RunningStats, merge_all
 from kdcache.store import format as F
 
 PROGRESS_DIR = ".kdcache-progress"
+#: zarr skips writing a chunk that holds only the fill value; a store's every data file must exist
+#: (an absent one is damage, and is checksummed), so every write asks for all of them. A run-time
+#: setting, not stored with the array: asked for on every write.
+_ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def jsonable(obj: Any) -> Any:
@@ -139,7 +145,8 @@ class StoreWriter:
             (K.NATOMS, layout.natoms, "int64"),
             (F.ATOM_START, layout.atom_start, "int64"),
         ):
-            arr = root.create_array(key, shape=(n,), chunks=(per_sample_chunk,), dtype=dt, compressors=None, fill_value=0)
+            arr = root.create_array(key, shape=(n,), chunks=(per_sample_chunk,), dtype=dt, compressors=None, fill_value=0,
+                                    config=_ALL_CHUNKS)
             if n:
                 arr[:] = values
         # filled by finalize() from the groups' marker files
@@ -162,7 +169,7 @@ class StoreWriter:
                 fill_value=0,
                 # every inner chunk is written, even all-zero padding, so that an uncompressed
                 # shard file is exactly one C-order array plus its index (memory-mappable)
-                config={"write_empty_chunks": True},
+                config=_ALL_CHUNKS,
             )
             arr.attrs["kdcache_dtype"] = dtypes[key]
             if dtypes[key] == "bfloat16":
@@ -226,10 +233,11 @@ class StoreWriter:
     def _raw_writes(self) -> bool:
         return self.attrs.get("codec", "none") == "none" and os.environ.get("KDCACHE_STORE_ZARR_WRITES") != "1"
 
-    def _write_raw_shards(self, key: str, lo: int, block: np.ndarray) -> None:
+    def _write_raw_shards(self, key: str, lo: int, block: np.ndarray) -> list[list]:
         """Write whole uncompressed shards as zarr's sharding codec would (chunks back to back,
         then the index and its CRC32C; tested byte for byte against zarr), without zarr's
-        per-chunk encoding: 2-5x faster, and the file is replaced atomically."""
+        per-chunk encoding: 2-5x faster, and the file is replaced atomically. Returns each
+        shard file's ``[nbytes, checksum]``, computed from the bytes in memory."""
         import google_crc32c
 
         arr = self.root[key]
@@ -244,17 +252,18 @@ class StoreWriter:
         index_bytes = index.tobytes()
         if spec.index_nbytes == len(index_bytes) + 4:
             index_bytes += np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+        records = []
         for i in range(block.shape[0] // spec.shard_atoms):
-            shard = lo // spec.shard_atoms + i
-            rel = arr.metadata.encode_chunk_key((shard,) + (0,) * len(spec.row_shape))
-            path = self.path / key / rel
+            path = F.data_file(self.path, key, arr.metadata, lo // spec.shard_atoms + i)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            data = block[i * spec.shard_atoms : (i + 1) * spec.shard_atoms]
+            data = memoryview(block[i * spec.shard_atoms : (i + 1) * spec.shard_atoms]).cast("B")
             with open(tmp, "wb") as f:
-                f.write(memoryview(data).cast("B"))
+                f.write(data)
                 f.write(index_bytes)
             os.replace(tmp, path)
+            records.append([len(data) + len(index_bytes), F.checksum(data, index_bytes)])
+        return records
 
     def _marker(self, g: int) -> Path:
         return self.progress / f"group-{g:08d}.npz"
@@ -272,29 +281,44 @@ class StoreWriter:
                 continue
         return done
 
+    def _shards_of(self, g: int) -> range:
+        return range(int(self.layout.group_shard_start[g]), int(self.layout.group_shard_start[g + 1]))
+
     def write_group(self, g: int, rows: Mapping[str, np.ndarray], energy: np.ndarray, sample_hash: np.ndarray) -> None:
         """Write group ``g``: ``rows[key]`` covers the group's whole shards (``group_atoms(g)``),
-        padding included, already in the storage dtype. Then record the group as done."""
+        padding included, already in the storage dtype. Then record the group as done, with the
+        size and checksum of each shard file written."""
         lo, hi = self.layout.group_atoms(g)
         samples = self.layout.group_samples(g)
+        if len(energy) != len(samples) or len(sample_hash) != len(samples):
+            raise StoreError(f"group {g}: expected {len(samples)} energies and sample hashes")
+        records: dict[str, np.ndarray] = {}
         for key in self.per_atom_keys:
             block = rows[key]
             if block.shape[0] != hi - lo:
                 raise StoreError(f"group {g}: {key} has {block.shape[0]} rows, expected {hi - lo}")
             if self._raw_writes:
-                self._write_raw_shards(key, lo, block)
+                shard_records = self._write_raw_shards(key, lo, block)
             else:
-                # whole shards: zarr writes them without reading. write_empty_chunks is a
-                # run-time setting (not stored), so it is asked for on every write
-                arr = self.root[key].with_config({"write_empty_chunks": True})
+                # whole shards: zarr writes them without reading; their checksums are taken from
+                # the files zarr wrote (encoded bytes: only zarr knows them)
+                arr = self.root[key].with_config(_ALL_CHUNKS)
                 arr[lo:hi] = block
-        if len(energy) != len(samples) or len(sample_hash) != len(samples):
-            raise StoreError(f"group {g}: expected {len(samples)} energies and sample hashes")
+                shard_records = [F.file_record(F.data_file(self.path, key, arr.metadata, s)) for s in self._shards_of(g)]
+            records[f"nbytes_{key}"] = np.array([r[0] for r in shard_records], dtype=np.int64)
+            records[f"checksum_{key}"] = np.array([r[1] for r in shard_records], dtype="<U16")
+            if key in STATS_KEYS:  # of the values as stored (after rounding), padding left out
+                real = block[: int(self.layout.natoms[samples.start : samples.stop].sum())]
+                if self.dtypes[key] == "bfloat16":
+                    real = F.bf16_bits_to_float32(real)
+                for name, value in RunningStats.of(key, real).to_arrays().items():
+                    records[f"stats_{key}_{name}"] = value
         _atomic_write_npz(
             self._marker(g),
             energy=np.asarray(energy, dtype=np.float64),
             sample_hash=np.asarray(sample_hash, dtype=np.uint64),
             first_sample=np.int64(samples.start),
+            **records,
         )
 
     def missing_groups(self) -> list[int]:
@@ -312,6 +336,8 @@ class StoreWriter:
         n = self.layout.num_samples
         energy = np.zeros(n, dtype=np.float64)
         hashes = np.zeros(n, dtype=np.uint64)
+        files: dict[str, list] = {key: [] for key in self.per_atom_keys}
+        stats: dict[str, list[RunningStats] | None] = {k: [] for k in self.per_atom_keys if k in STATS_KEYS}
         for g in range(self.layout.num_groups):
             s = self.layout.group_samples(g)
             with np.load(self._marker(g)) as z:
@@ -319,18 +345,42 @@ class StoreWriter:
                     raise StoreError(f"{self.path}: progress marker of group {g} does not fit the layout")
                 energy[s.start : s.stop] = z["energy"]
                 hashes[s.start : s.stop] = z["sample_hash"]
+                for key, parts in stats.items():
+                    if parts is not None and f"stats_{key}_count" in z.files:
+                        prefix = f"stats_{key}_"
+                        parts.append(RunningStats.from_arrays(
+                            key, {f[len(prefix):]: z[f] for f in z.files if f.startswith(prefix)}))
+                    else:  # a group written by a kdcache older than statistics: none for the store
+                        stats[key] = None
+                for key in self.per_atom_keys:
+                    if f"checksum_{key}" in z.files:
+                        files[key] += [[int(b), str(c)] for b, c in zip(z[f"nbytes_{key}"], z[f"checksum_{key}"])]
+                    else:  # a group written by a kdcache older than checksums (a resumed store)
+                        meta = self.root[key].metadata
+                        files[key] += [F.file_record(F.data_file(self.path, key, meta, i)) for i in self._shards_of(g)]
         if n:
-            self.root[K.ENERGY][:] = energy.astype(F.storage_dtype(self.dtypes[K.ENERGY]))
-            self.root[F.SAMPLE_HASH][:] = hashes
+            self.root[K.ENERGY].with_config(_ALL_CHUNKS)[:] = energy.astype(F.storage_dtype(self.dtypes[K.ENERGY]))
+            self.root[F.SAMPLE_HASH].with_config(_ALL_CHUNKS)[:] = hashes
+        for key in F.PER_SAMPLE_KEYS:  # written by now: take their checksums from the files
+            arr = self.root[key]
+            paths = [F.data_file(self.path, key, arr.metadata, i) for i in range(F.num_data_files(arr.metadata))]
+            if not all(p.is_file() for p in paths):  # begun by a kdcache that let zarr skip all-zero chunks
+                arr.with_config(_ALL_CHUNKS)[:] = arr[:]
+            files[key] = [F.file_record(p) for p in paths]
         attrs = dict(self.attrs)
         dataset = dict(attrs.get("dataset") or {})
         dataset["num_stored"] = n
         dataset["sample_hashes_sha256"] = sample_hashes_digest(hashes)
         attrs["dataset"] = dataset
         attrs.update(jsonable(dict(extra or {})))
+        # merged in group order: the same numbers however the groups were split over ranks
+        attrs["stats"] = {k: merge_all(p).summary() for k, p in stats.items() if p}
         attrs["complete_ranges"] = [[0, n]] if n else []
         attrs["complete"] = True
         attrs["finished"] = _utcnow()
+        attrs["format_version"] = F.FORMAT_VERSION  # a resumed store may have been begun by an older kdcache
+        attrs["checksums"] = {"algorithm": F.CHECKSUM, "files": files}
+        attrs["identity"] = F.store_identity(self.path, jsonable(attrs))
         self.root.attrs[F.ATTR] = attrs  # the one write that makes the store complete
         self.attrs = attrs
         shutil.rmtree(self.progress, ignore_errors=True)

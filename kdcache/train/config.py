@@ -1,23 +1,187 @@
 """Run configuration of ``kdcache train``: one dataclass, read from YAML, overridden from the CLI.
 
 The resolved configuration is written to ``<out>/config.yaml``; re-running the same command
-finds it (and ``last.pt``) and resumes.
+finds it (and ``last.pt``) and resumes. Every setting's type and range is checked here, once, for
+the command line, ``train -c`` files and pipeline recipes alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import yaml
 
+from kdcache.config_yaml import load_yaml
 from kdcache.errors import ConfigError
+from kdcache.train.data import AUGMENTATIONS
 from kdcache.train.strategies import FEATURE_LOSSES, STUDENT_MAPS, format_strategy, parse_strategy
 
+#: how stored feature targets are compared: ``standard`` divides by the store's per-channel
+#: statistics (scale-free: a term is ~1 for an uninformed student), ``none`` is the paper's raw MSE
+FEATURE_NORMS = ("standard", "none")
 SCHEDULERS = ("constant", "warmup_step", "warmup_exp", "plateau")
 ATOM_REFS = ("fit", "none")
+
+_KIND_NAMES = {int: "int", float: "int or float", str: "str", bool: "true or false", list: "a list", dict: "a mapping"}
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """Type and range of one setting (bounds as in pydantic: gt/ge/lt/le).
+
+    Args:
+        kind: int, float (ints accepted), str, bool, list or dict.
+        optional: None is allowed.
+        gt, ge, lt, le: exclusive/inclusive lower and upper bounds.
+        choices: the allowed values.
+        items: rule of each list item.
+    """
+
+    kind: type
+    optional: bool = False
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple = ()
+    items: "_Rule | None" = None
+
+    def check(self, value: Any, key: str, where: Callable[[str], str]) -> Any:
+        """``value``, normalised, or a ConfigError starting with ``where(key)``."""
+        label = where(key)
+        if value is None and self.optional:
+            return None
+        if self.kind is float and isinstance(value, str):
+            try:  # PyYAML (YAML 1.1) and hand-made dicts give `1e-4` as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if self.kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # `max_steps: 1e4`
+        if self.kind is list and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # `augment: rotate`
+        accepted = (int, float) if self.kind is float else self.kind
+        if not isinstance(value, accepted) or (isinstance(value, bool) and self.kind is not bool):
+            raise ConfigError(f"{label}: expected {_KIND_NAMES[self.kind]}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{label}: must be finite, got {value!r}")
+        for bound, op, bad in ((self.gt, ">", lambda v, b: v <= b), (self.ge, ">=", lambda v, b: v < b),
+                               (self.lt, "<", lambda v, b: v >= b), (self.le, "<=", lambda v, b: v > b)):
+            if bound is not None and bad(value, bound):
+                raise ConfigError(f"{label}: must be {op} {bound:g}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{label}: {value!r} is not one of {list(self.choices)}")
+        if self.items is not None:
+            value = [self.items.check(v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return value
+
+
+_POSITIVE_INT = _Rule(int, ge=1)
+_COUNT = _Rule(int, ge=0)
+_PATH = _Rule(str, optional=True)
+_FRACTION = _Rule(float, ge=0, le=1)
+#: every setting but ``strategy`` (parsed by :func:`parse_strategy`); ``lambda_`` is ``lambda``
+_RULES: dict[str, _Rule] = {
+    "student": _Rule(str),
+    "student_overrides": _Rule(dict),
+    "data": _PATH,
+    "val": _PATH,
+    "store": _PATH,
+    "lambda_": _Rule(float, ge=0),
+    "feature_loss": _Rule(str, choices=FEATURE_LOSSES),
+    "student_map": _Rule(str, choices=STUDENT_MAPS),
+    "feature_norm": _Rule(str, choices=FEATURE_NORMS),
+    "out": _Rule(str),
+    "max_steps": _Rule(int, optional=True, ge=1),
+    "epochs": _Rule(int, optional=True, ge=1),
+    "batch_size": _POSITIVE_INT,
+    "val_batch_size": _Rule(int, optional=True, ge=1),
+    "seed": _COUNT,  # numpy refuses negative seeds
+    "device": _Rule(str, optional=True),
+    "lr": _Rule(float, gt=0),
+    "weight_decay": _Rule(float, ge=0),
+    "eval_every": _COUNT,
+    "checkpoint_every": _COUNT,
+    "num_workers": _COUNT,
+    "energy_coef": _Rule(float, ge=0),
+    "force_coef": _Rule(float, ge=0),
+    "normalize_labels": _Rule(bool),
+    "energy_mean": _Rule(float, optional=True),
+    "energy_std": _Rule(float, optional=True, gt=0),
+    "atom_ref": _Rule(str, choices=ATOM_REFS),
+    "scheduler": _Rule(str, choices=SCHEDULERS),
+    "warmup_steps": _COUNT,
+    "warmup_factor": _FRACTION,  # 0: the reference warm-up starts from zero
+    "lr_milestones": _Rule(list, items=_COUNT),
+    "lr_gamma": _Rule(float, gt=0),
+    "decay_steps": _POSITIVE_INT,
+    "decay_rate": _Rule(float, gt=0),
+    "plateau_patience": _COUNT,
+    "plateau_factor": _Rule(float, gt=0, lt=1),
+    "ema_decay": _Rule(float, ge=0, lt=1),  # 0 disables
+    "clip_grad": _Rule(float, ge=0),  # 0 disables
+    "augment": _Rule(list, items=_Rule(str, choices=AUGMENTATIONS)),
+    "window": _Rule(int, optional=True, ge=1),
+    "progress": _Rule(bool),
+    "deterministic": _Rule(bool),
+}
+
+
+def setting_name(key: Any) -> str:
+    """The field name of a YAML/CLI setting name (``lambda`` -> ``lambda_``, dashes -> underscores)."""
+    k = str(key).replace("-", "_")
+    return "lambda_" if k == "lambda" else k
+
+
+def _display(name: str) -> str:
+    return "lambda" if name == "lambda_" else name
+
+
+def _key_in(source: str) -> Callable[[str], str]:
+    return lambda key: f"{source}: key {key!r}"
+
+
+def check_setting(name: str, value: Any, where: Callable[[str], str]) -> Any:
+    """Check one setting (type and range) on its own; return it normalised.
+
+    Args:
+        name: the setting as written (e.g. ``lambda``, ``batch-size``).
+        value: its value.
+        where: how a message names a key path, e.g. ``lr -> "recipe r.yaml: key 'students.train.lr'"``.
+
+    Raises:
+        ConfigError: ``"<where(name)>: <what is wrong>"``; settings without a rule pass unchanged.
+    """
+    rule = _RULES.get(setting_name(name))
+    return value if rule is None else rule.check(value, str(name), where)
+
+
+def _check_student(student: str, overrides: dict, where: Callable[[str], str]) -> None:
+    """The student exists (preset or model registry name) and takes every override."""
+    from kdcache.models import MODEL_CLASSES, model_class
+    from kdcache.models.presets import PRESETS
+
+    if student in PRESETS:
+        model = PRESETS[student][0]
+    elif student.lower().replace("-", "_") in MODEL_CLASSES:
+        model = student
+    else:
+        raise ConfigError(f"{where('student')}: unknown student {student!r}; presets: {', '.join(sorted(PRESETS))}; "
+                          f"models: {', '.join(sorted(MODEL_CLASSES))}")
+    params = inspect.signature(model_class(model).__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    takes = sorted(n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL)
+    for key in overrides:
+        if key not in takes:
+            raise ConfigError(f"{where(f'student_overrides.{key}')}: {model} takes no argument {key!r}; "
+                              f"it takes: {', '.join(takes)}")
 
 
 @dataclass
@@ -34,6 +198,9 @@ class TrainConfig:
         lambda_: weight of a strategy given without one.
         feature_loss: ``mse`` | ``mae`` | ``huber``.
         student_map: ``linear`` | ``identity`` | ``mlp``.
+        feature_norm: ``standard`` (default): feature targets are standardised with the store's
+            per-channel statistics (scalar: mean/std; vector: RMS norm, no shift), so λ is
+            scale-free; ``none``: the raw feature MSE of the paper (Table 6's λ).
         out: run folder.
         max_steps: optimiser steps (takes precedence over ``epochs``).
         epochs: passes over the data when ``max_steps`` is not set.
@@ -74,6 +241,7 @@ class TrainConfig:
     lambda_: float = 1.0
     feature_loss: str = "mse"
     student_map: str = "linear"
+    feature_norm: str = "standard"
     out: str = "runs/run"
     max_steps: int | None = None
     epochs: int | None = None
@@ -110,55 +278,81 @@ class TrainConfig:
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict, source: str = "configuration") -> "TrainConfig":
+    def from_dict(cls, values: Mapping | None, source: str = "configuration",
+                  where: Callable[[str], str] | None = None) -> "TrainConfig":
+        """Settings from a mapping, checked (see :meth:`validate`).
+
+        Args:
+            values: setting -> value (YAML names: ``lambda`` for ``lambda_``, dashes for underscores).
+            source: where the values come from, for messages (a file, ``command line``).
+            where: how a message names a setting, ``key path -> text`` (default
+                ``"<source>: key 'lr'"``); the command line names options instead (``option --lr``).
+
+        Raises:
+            ConfigError: an unknown setting, or a value of the wrong type or out of range, named.
+        """
+        where = where or _key_in(source)
         names = {f.name for f in dataclasses.fields(cls)}
         clean = {}
         for key, value in (values or {}).items():
-            k = str(key).replace("-", "_")
-            k = "lambda_" if k == "lambda" else k
+            k = setting_name(key)
             if k not in names:
-                raise ConfigError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
+                raise ConfigError(f"{where(str(key))}: unknown setting; known: "
+                                  f"{', '.join(sorted(_display(n) for n in names))}")
             clean[k] = value
         cfg = cls(**clean)
-        cfg.validate(source)
+        cfg.validate(source, where)
         return cfg
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> "TrainConfig":
-        """YAML file (optional) with command-line ``overrides`` (``None`` values are ignored)."""
+        """YAML file (optional) with command-line ``overrides`` (``None`` values are ignored).
+
+        Errors name the option for a value given on the command line and the file and key for one
+        read from the file.
+        """
         values: dict = {}
+        from_options: set[str] = set()
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file {p} not found")
-            try:
-                values = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {p}: not valid YAML ({exc})") from None
+            values = load_yaml(path, what="config file") or {}
             if not isinstance(values, dict):
-                raise ConfigError(f"config file {p}: expected a mapping of settings")
-            values = {("lambda_" if k == "lambda" else str(k).replace("-", "_")): v for k, v in values.items()}
+                raise ConfigError(f"config file {path}: expected a mapping of settings")
+            values = {setting_name(k): v for k, v in values.items()}
         for key, value in (overrides or {}).items():
             if value is not None:
                 values[key] = value
-        return cls.from_dict(values, source=str(path) if path else "command line")
+                from_options.add(key)
+        in_file = _key_in(f"config file {path}" if path is not None else "command line")
 
-    def validate(self, source: str = "configuration") -> None:
-        if self.feature_loss not in FEATURE_LOSSES:
-            raise ConfigError(f"{source}: feature_loss {self.feature_loss!r} not in {FEATURE_LOSSES}")
-        if self.student_map not in STUDENT_MAPS:
-            raise ConfigError(f"{source}: student_map {self.student_map!r} not in {STUDENT_MAPS}")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"{source}: scheduler {self.scheduler!r} not in {SCHEDULERS}")
-        if self.atom_ref not in ATOM_REFS:
-            raise ConfigError(f"{source}: atom_ref {self.atom_ref!r} not in {ATOM_REFS}")
-        if self.batch_size < 1:
-            raise ConfigError(f"{source}: batch_size must be >= 1")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ConfigError(f"{source}: max_steps must be >= 0")
-        if isinstance(self.augment, str):
-            self.augment = [a for a in self.augment.split(",") if a]
-        self.terms  # parses, raises ConfigError on a bad strategy
+        def where(key: str) -> str:
+            top = setting_name(re.split(r"[.\[]", key)[0])  # `student_overrides.x`, `augment[0]`
+            return f"option --{_display(top).replace('_', '-')}" if top in from_options else in_file(key)
+
+        return cls.from_dict(values, source=str(path) if path else "command line", where=where)
+
+    def validate(self, source: str = "configuration", where: Callable[[str], str] | None = None) -> None:
+        """Check every setting's type and range (normalising e.g. ``"1e-4"`` to a float), the
+        strategy, and that the student exists and takes each of ``student_overrides``; before
+        any data is opened.
+
+        Args:
+            source: where the settings come from, for messages.
+            where: how a message names a setting (see :meth:`from_dict`).
+
+        Raises:
+            ConfigError: naming the setting, the value and what is allowed.
+        """
+        where = where or _key_in(source)
+        for name, rule in _RULES.items():
+            setattr(self, name, rule.check(getattr(self, name), _display(name), where))
+        try:
+            terms = self.terms
+        except ConfigError as exc:
+            raise ConfigError(f"{where('strategy')}: {exc}") from None
+        bad = [t.name for t in terms if not math.isfinite(t.weight)]
+        if bad:
+            raise ConfigError(f"{where('strategy')}: weight of {bad[0]} must be finite")
+        _check_student(self.student, self.student_overrides, where)
 
     @property
     def terms(self):

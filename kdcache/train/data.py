@@ -9,10 +9,15 @@ Augmentation that moves atoms must move the targets with them: ``rotate`` turns 
 forces and every vector target (``e2v``, ``vector``, stored forces) by the same rotation. The
 rotation of a sample depends only on (seed, epoch, sample index), so a resumed run sees the same
 rotations as an uninterrupted one, whatever the number of loader workers.
+
+Training batches go through :func:`kdcache.data.collate` with the labels required: a sample
+without energy or forces, or with a value that is not finite in float32, stops the run with an
+error naming its file, its dataset index and the field.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Sequence
 
@@ -20,7 +25,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdcache import keys as K
-from kdcache.errors import ConfigError, DataError
+from kdcache.data.batch import LABELS, collate, sample_file
+from kdcache.data.sample import sample_hash
+from kdcache.errors import ConfigError, DataError, KDCacheError
 
 #: stored targets ride in a batch under ``kd_<store key>`` (e.g. ``kd_e2v [N, 3, d]``)
 TARGET_PREFIX = "kd_"
@@ -89,13 +96,7 @@ class JoinedDataset(Dataset):
         self.augment = tuple(augment)
         self.seed, self.epoch = int(seed), 0
         self.check_hash = check_hash
-        self._hash_fn = None
-        if store is not None and check_hash:
-            try:
-                from kdcache.data import sample_hash
-            except ImportError:
-                from kdcache.data.sample import sample_hash
-            self._hash_fn = sample_hash
+        self._hash_fn = sample_hash if store is not None and check_hash else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -105,9 +106,6 @@ class JoinedDataset(Dataset):
 
     def __getitem__(self, index: int):
         return self.__getitems__([index])[0]
-
-    def _where(self) -> str:
-        return str(getattr(self.dataset, "path", type(self.dataset).__name__))
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         samples = [self.dataset[int(i)] for i in indices]
@@ -133,7 +131,7 @@ class JoinedDataset(Dataset):
             stored = [int(n) for n in got[K.NATOMS].tolist()]
             for g, n, m in zip(glob, natoms, stored):
                 if n != m:
-                    raise DataError(self._where(), g, K.NATOMS,
+                    raise DataError(sample_file(self.dataset, g), g, K.NATOMS,
                                     f"structure has {n} atoms but the store holds targets for {m}; "
                                     "the store was made from another dataset")
         if self._hash_fn is not None and self.epoch == 0 and "sample_hash" in got:
@@ -142,7 +140,7 @@ class JoinedDataset(Dataset):
                 if mine >= 1 << 63:  # the store keeps uint64 hashes as int64
                     mine -= 1 << 64
                 if mine != int(h):
-                    raise DataError(self._where(), g, K.POSITIONS,
+                    raise DataError(sample_file(self.dataset, g), g, K.POSITIONS,
                                     "structure differs from the one the store's targets were computed on")
         for key in self.store_keys:
             if key not in got:
@@ -153,8 +151,9 @@ class JoinedDataset(Dataset):
                     s[target_key(key)] = value[j : j + 1]
                 continue
             if value.shape[0] != sum(natoms):
-                raise DataError(getattr(self.store, "path", "store"), glob[0], key,
-                                f"{value.shape[0]} target rows for {sum(natoms)} atoms")
+                # a batch-wide mismatch: no single sample to blame, so name them all
+                raise DataError(getattr(self.store, "path", "store"), None, key,
+                                f"{value.shape[0]} target rows for the {sum(natoms)} atoms of samples {glob}")
             for s, part in zip(samples, torch.split(value, natoms)):
                 s[target_key(key)] = part
 
@@ -189,15 +188,77 @@ class SkipBatches:
         return max(0, len(self.sampler) - self.skip)
 
 
-def collate(samples: list):
-    from torch_geometric.data import Batch
+class _Failure:
+    """A kdcache error raised in a loader worker, carried to the main process as data: the
+    DataLoader would re-raise it as a RuntimeError holding the worker's traceback, and the user
+    would see that instead of one line naming the sample."""
 
-    return Batch.from_data_list(samples)
+    def __init__(self, exc: KDCacheError):
+        # the class and its state, not the instance: DataError's __init__ takes four arguments,
+        # so the instance does not unpickle
+        self.kind, self.args, self.state = type(exc), exc.args, dict(vars(exc))
+
+    def error(self) -> KDCacheError:
+        exc = self.kind.__new__(self.kind)
+        exc.args = self.args
+        vars(exc).update(self.state)
+        return exc
+
+
+class _Guarded(Dataset):
+    """``dataset``, with a kdcache error of a batch's loading returned as a :class:`_Failure`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: Sequence[int]):
+        try:
+            if hasattr(self.dataset, "__getitems__"):
+                return self.dataset.__getitems__(indices)
+            return [self.dataset[int(i)] for i in indices]
+        except KDCacheError as exc:
+            return _Failure(exc)
+
+
+def _labelled_collate(samples, dataset):
+    if isinstance(samples, _Failure):
+        return samples
+    try:
+        return collate(samples, dataset=dataset, require=LABELS)
+    except KDCacheError as exc:
+        return _Failure(exc)
+
+
+class LabelledLoader(DataLoader):
+    """A DataLoader of batches to train or evaluate on: every sample must carry finite energy and
+    forces (see :func:`kdcache.data.collate`), and a user error raised while loading, in this
+    process or in a worker, is raised as itself, naming the file, the sample's dataset index and
+    the field.
+
+    Args:
+        dataset: the dataset (kdcache samples; a ``JoinedDataset`` for training).
+        **kwargs: ``DataLoader`` options (``batch_size`` or ``batch_sampler``, ``num_workers``, ...).
+    """
+
+    def __init__(self, dataset: Dataset, **kwargs):
+        # a partial of a module function pickles to spawned workers
+        super().__init__(_Guarded(dataset), collate_fn=functools.partial(_labelled_collate, dataset=dataset),
+                         **kwargs)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, _Failure):
+                raise batch.error()
+            yield batch
 
 
 def make_loader(dataset: Dataset, batch_sampler, num_workers: int = 0, pin_memory: bool = False,
                 seed: int = 0) -> DataLoader:
+    """The training loader: whole batches from ``batch_sampler``, labels required and checked."""
     # A private generator: creating the iterator must not draw from the global RNG (exact resume).
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
-                      pin_memory=pin_memory, generator=gen)
+    return LabelledLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+                          generator=gen)

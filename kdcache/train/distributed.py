@@ -1,64 +1,13 @@
-"""Process-group helpers: ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK; one process otherwise."""
+"""Kept so that ``from kdcache.train import distributed`` goes on working: the helpers live in
+:mod:`kdcache.distributed`, shared by extraction and training."""
 
-from __future__ import annotations
-
-import os
-
-import torch
-import torch.distributed as dist
-
-
-def env_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the torchrun environment (0, 1, 0 when absent)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def setup(device: torch.device) -> tuple[int, int]:
-    """Join the process group when started by torchrun (NCCL on GPUs, gloo on CPU)."""
-    rank, world, _ = env_world()
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL binds each process to its own GPU
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def pick_device(requested: str | None) -> torch.device:
-    """The requested device, else this process's GPU when there is one, else CPU."""
-    _, _, local = env_world()
-    if requested:
-        dev = torch.device(requested)
-        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-            dev = torch.device("cuda", local % torch.cuda.device_count())
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", local % torch.cuda.device_count())
-    return torch.device("cpu")
+from kdcache.distributed import (  # noqa: F401
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    env_world,
+    is_distributed,
+    pick_device,
+    setup,
+)

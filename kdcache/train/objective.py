@@ -37,6 +37,9 @@ class DistillationObjective(nn.Module):
         feature_loss: ``mse``, ``mae`` or ``huber``.
         energy_coef: a_E.
         force_coef: a_F.
+        standardizers: strategy name -> :class:`kdcache.store.stats.Standardizer` of its stored
+            target (``feature_norm: standard``); a feature strategy without one compares raw
+            values (``feature_norm: none``, the paper's loss).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class DistillationObjective(nn.Module):
         feature_loss: str = "mse",
         energy_coef: float = 1.0,
         force_coef: float = 100.0,
+        standardizers: dict | None = None,
     ):
         super().__init__()
         self.student = student
@@ -58,6 +62,12 @@ class DistillationObjective(nn.Module):
         self.energy_coef = float(energy_coef)
         self.force_coef = float(force_coef)
         self.features = tuple(sorted({t.spec.student_feature for t in self.terms if t.spec.student_feature}))
+        # not persistent: they come from the store, so a checkpoint stays a student + its maps
+        self._standardized = set()
+        for name, st in (standardizers or {}).items():
+            self.register_buffer(f"shift_{name}", torch.as_tensor(st.shift, dtype=torch.float32), persistent=False)
+            self.register_buffer(f"scale_{name}", torch.as_tensor(st.scale, dtype=torch.float32), persistent=False)
+            self._standardized.add(name)
 
     # --- pieces ---------------------------------------------------------------------------
     def term_loss(self, term: Term, out: dict, batch, free: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +75,14 @@ class DistillationObjective(nn.Module):
         if spec.kind in ("scalar", "vector"):
             target = batch[target_key(self.store_keys[term.name][0])]
             mapped = self.maps[term.name](out[spec.student_feature])
-            return self.feature_loss(mapped, target.to(mapped.dtype))
+            target = target.to(mapped.dtype)
+            if term.name in self._standardized:
+                # (H_t - shift) / scale per channel; vectors have no shift, so this commutes
+                # with rotations and the loss stays invariant
+                shift = getattr(self, f"shift_{term.name}").to(mapped.dtype)
+                scale = getattr(self, f"scale_{term.name}").to(mapped.dtype)
+                target = (target - shift) / scale
+            return self.feature_loss(mapped, target)
         if spec.kind == "labels":  # vanilla1: teacher energy and forces as extra labels
             _, ref_sum = norm.batch_reference(batch, out[K.ENERGY].dtype)
             e_t = norm.norm_energy(batch[target_key(K.ENERGY)].to(out[K.ENERGY].dtype), ref_sum)

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcache import distributed as D
 from kdcache import keys as K
-from kdcache.errors import ConfigError, StoreError
-from kdcache.train import distributed as D
+from kdcache.data.batch import LABELS, dataset_index, non_finite_error, require_fields
+from kdcache.errors import CheckpointError, ConfigError, NumericalError, StoreError
 from kdcache.train.config import TrainConfig
-from kdcache.train.data import JoinedDataset, SkipBatches, make_batch_sampler, make_loader
+from kdcache.train.data import JoinedDataset, LabelledLoader, SkipBatches, make_batch_sampler, make_loader
 from kdcache.train.ema import EMA
 from kdcache.train.objective import DistillationObjective, build_maps, feature_widths
 from kdcache.train.schedule import LRSchedule
@@ -82,21 +83,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def label_statistics(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0) -> tuple[float, float]:
-    """Mean and std of the training energies (a seeded subset for very large sets)."""
-    n = len(dataset)
-    idx = range(n)
-    if n > max_samples:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].tolist()
-    energies = torch.tensor([float(dataset[int(i)][K.ENERGY].reshape(-1)[0]) for i in idx], dtype=torch.float64)
-    std = float(energies.std()) if energies.numel() > 1 else 1.0
-    return float(energies.mean()), (std if std > 0 else 1.0)
-
-
 def _sample_indices(n: int, max_samples: int, seed: int):
     if n > max_samples:
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].tolist()
     return range(n)
+
+
+def _labelled_energies(dataset, max_samples: int, seed: int) -> tuple[list[float], list[np.ndarray]]:
+    """Energies and compositions of (a seeded subset of) the training samples, for the normaliser.
+
+    Raises:
+        DataError: a sample without energy/forces or with a non-finite energy (its file, its
+            index): statistics over it would make the normaliser, and every weight, NaN.
+    """
+    energies, comps = [], []
+    for i in _sample_indices(len(dataset), max_samples, seed):
+        sample = dataset[int(i)]
+        require_fields(sample, dataset, LABELS, int(i))
+        e = float(sample[K.ENERGY].reshape(-1)[0])
+        if not math.isfinite(e):
+            raise non_finite_error(dataset, dataset_index(sample, int(i)), K.ENERGY, 1, sample[K.ENERGY].dtype)
+        energies.append(e)
+        comps.append(sample[K.ATOMIC_NUMBERS].reshape(-1).cpu().numpy())
+    return energies, comps
+
+
+def label_statistics(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Mean and std of the training energies (a seeded subset for very large sets)."""
+    energies = torch.tensor(_labelled_energies(dataset, max_samples, seed)[0], dtype=torch.float64)
+    std = float(energies.std()) if energies.numel() > 1 else 1.0
+    return float(energies.mean()), (std if std > 0 else 1.0)
 
 
 def fit_atom_refs(energies, compositions) -> np.ndarray:
@@ -127,11 +143,7 @@ def fit_atom_refs(energies, compositions) -> np.ndarray:
 def label_statistics_with_refs(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0
                                ) -> tuple[float, float, np.ndarray]:
     """Fitted per-element references, then mean and std of the residual energies E - Σ ref[Z]."""
-    energies, comps = [], []
-    for i in _sample_indices(len(dataset), max_samples, seed):
-        sample = dataset[int(i)]
-        energies.append(float(sample[K.ENERGY].reshape(-1)[0]))
-        comps.append(sample[K.ATOMIC_NUMBERS].reshape(-1).cpu().numpy())
+    energies, comps = _labelled_energies(dataset, max_samples, seed)
     ref = fit_atom_refs(energies, comps)
     resid = np.asarray(energies, dtype=np.float64) - np.array([ref[z].sum() for z in comps], dtype=np.float64)
     std = float(resid.std(ddof=1)) if resid.size > 1 else 1.0
@@ -147,11 +159,13 @@ def save_model_checkpoint(path: Path, student: nn.Module, trainer_state: dict | 
 
 
 def read_trainer_state(path: Path) -> dict:
+    from kdcache.models.checkpoint import read_checkpoint
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file
-        raise ConfigError(f"{path}: cannot be read to resume ({exc}); remove it or choose another --out") from exc
-    state = (ckpt.get("extra") or {}).get("trainer_state") if isinstance(ckpt, dict) else None
+        ckpt = read_checkpoint(path)  # data only, like every checkpoint kdcache reads
+    except CheckpointError as exc:  # a torn or foreign file
+        raise ConfigError(f"{exc}; it cannot be resumed: remove it or choose another --out") from None
+    state = (ckpt.get("extra") or {}).get("trainer_state")
     if not state:
         raise ConfigError(f"{path} has no trainer state; it cannot be resumed (use another --out)")
     return state
@@ -180,6 +194,8 @@ class Trainer:
         self.store = store if store is not None else self._open_store()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best = math.inf
+        self._saved_step: int | None = None  # step of the weights in last.pt (None: none written)
+        self._last_batch: torch.Tensor | None = None  # sample indices of the last step's batch
         self._setup_model()
 
     # --- inputs ---------------------------------------------------------------------------
@@ -240,8 +256,12 @@ class Trainer:
 
             widths = feature_widths(student, collate(probe).to(self.device), self.terms, self.store_keys)
             maps = build_maps(self.terms, widths, cfg.student_map)
+        standardizers = {}
+        if cfg.feature_norm == "standard":
+            standardizers = {t.name: self.store.standardizer(self.store_keys[t.name][0])
+                             for t in self.terms if t.spec.kind in ("scalar", "vector")}
         self.objective = DistillationObjective(student, self.terms, self.store_keys, maps, cfg.feature_loss,
-                                               cfg.energy_coef, cfg.force_coef).to(self.device)
+                                               cfg.energy_coef, cfg.force_coef, standardizers).to(self.device)
         self.student = student
         self.model = self.objective
         if self.world > 1:
@@ -278,6 +298,7 @@ class Trainer:
         return self.ema.average_parameters() if self.ema else _nullcontext()
 
     def save(self, best: bool = False) -> None:
+        self._require_finite_weights()  # every process: they hold the same weights and stop together
         if not self.is_main:
             return
         state = self.trainer_state()
@@ -285,6 +306,32 @@ class Trainer:
             save_model_checkpoint(self.out / LAST, self.student, state)
             if best:
                 save_model_checkpoint(self.out / BEST, self.student, state)
+        self._saved_step = self.step
+
+    def _kept(self) -> str:
+        """What is on disk after a stop, for error messages."""
+        if self._saved_step is None:
+            return "no checkpoint was written"
+        return f"{self.out / LAST} keeps the weights of step {self._saved_step}"
+
+    def _require_finite_weights(self) -> None:
+        """Refuse to validate or save NaN/infinite weights, so ``last.pt``/``best.pt`` keep the last
+        good ones. A finite loss can still have gradients that overflow; the next step's loss
+        check would catch that too, but a checkpoint may come first. Runs at checkpoints only.
+
+        Raises:
+            NumericalError: naming the step and the samples of its batch.
+        """
+        tensors = [p.detach() for p in self.objective.parameters()] + (list(self.ema.shadow) if self.ema else [])
+        if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):  # one host sync
+            return
+        cause = "before this run's first step"
+        if self._last_batch is not None:
+            cause = (f"the gradients of the batch of samples {self._last_batch.view(-1).tolist()} of {self.cfg.data} "
+                     "overflowed")
+        raise NumericalError(
+            f"step {self.step}: the weights became NaN or infinite ({cause}); training stopped, {self._kept()}. "
+            "Lower --lr, set clip_grad, or check those samples' labels")
 
     def resume(self) -> bool:
         path = self.out / LAST
@@ -308,6 +355,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch, self.best = int(state["batch_in_epoch"]), float(state["best"])
+        self._saved_step = self.step
         set_rng_state(state["rng"])
         return True
 
@@ -316,15 +364,14 @@ class Trainer:
         """Metrics of the EMA weights on the validation set; each process takes a shard and the
         counts are summed, so no process idles (or times out) while another validates."""
         from kdcache.evaluate import evaluate_model
-        from kdcache.train.data import collate
 
         if self.val_dataset is None:
             return {}
         shard = self.val_dataset
         if self.world > 1:
             shard = torch.utils.data.Subset(self.val_dataset, range(self.rank, len(self.val_dataset), self.world))
-        loader = torch.utils.data.DataLoader(shard, batch_size=self.cfg.val_batch_size or self.cfg.batch_size,
-                                             shuffle=False, collate_fn=collate, num_workers=self.cfg.num_workers)
+        loader = LabelledLoader(shard, batch_size=self.cfg.val_batch_size or self.cfg.batch_size, shuffle=False,
+                                num_workers=self.cfg.num_workers)
         with self._averaged():
             sums = evaluate_model(self.student, loader, self.device)
         sums.all_reduce(self.device)
@@ -375,9 +422,13 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------
     def _checkpoint_point(self, force_validate: bool = False) -> None:
+        self._require_finite_weights()  # before validation: no NaN metrics row either
         train = {k: v / max(self._n, 1) for k, v in self._sums.items()}
         self._sums, self._n = {}, 0
-        val = self.validate()
+        try:
+            val = self.validate()
+        except NumericalError as exc:  # finite but diverged weights: nothing worth saving
+            raise NumericalError(f"step {self.step}: validation: {exc}; training stopped, {self._kept()}") from None
         better = bool(val) and val["loss"] < self.best
         if better:
             self.best = val["loss"]
@@ -386,8 +437,20 @@ class Trainer:
         D.barrier()
 
     def train_step(self, batch) -> dict[str, float]:
+        """One optimiser step; returns the loss parts as floats (for the logs).
+
+        Raises:
+            NumericalError: the loss is NaN or infinite (nothing is applied to the weights).
+        """
         batch = batch.to(self.device, non_blocking=True)
+        self._last_batch = batch[K.SAMPLE_INDEX]
         parts = self.model(batch)
+        # The logs need the values anyway: reading them here, before backward, is the step's one
+        # host sync (it was after the update) and lets a non-finite loss stop the run before it
+        # turns the weights into NaN.
+        values = dict(zip(parts, torch.stack([v.detach().double() for v in parts.values()]).tolist()))
+        if not math.isfinite(values["loss"]):
+            raise self._loss_error(values, batch)
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         if self.cfg.clip_grad and self.cfg.clip_grad > 0:
@@ -396,7 +459,15 @@ class Trainer:
         self.schedule.step()
         if self.ema:
             self.ema.update()
-        return {k: float(v.detach()) for k, v in parts.items()}
+        return values
+
+    def _loss_error(self, values: dict[str, float], batch) -> NumericalError:
+        bad = [f"{k} {v}" for k, v in values.items() if k != "loss" and not math.isfinite(v)]
+        return NumericalError(
+            f"step {self.step + 1}: the training loss is {values['loss']}"
+            + (f" ({', '.join(bad)})" if bad else "")
+            + f" on the batch of samples {batch[K.SAMPLE_INDEX].view(-1).tolist()} of {self.cfg.data}; "
+            f"training stopped, {self._kept()}. Lower --lr or check those samples' labels")
 
     def fit(self, stop_after_steps: int | None = None) -> dict:
         """Train to ``total_steps`` (resuming from ``last.pt`` when there is one).

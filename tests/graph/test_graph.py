@@ -323,6 +323,28 @@ def test_empty_and_isolated():
         assert neighbors.tolist() == expected, natoms
 
 
+def test_derived_graphs_of_edgeless_structures():
+    """select / mask / symmetrize on graphs with no edge at all, or none in some structures
+    (lone atoms and out-of-cutoff pairs batched with a molecule), as the models derive them."""
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [5.0, 6.0, -4.5],
+                        [0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]], dtype=torch.float64)
+    cell, pbc = torch.zeros(3, 3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.bool)
+    # per structure: edges of the graph (cutoff 6), of a sub-graph (cutoff 3, nearest 1), and of
+    # that made symmetric (the O's nearest is one H, each H's the O: two pairs, four edges)
+    cases = {(1, 2): ([0, 0], [0, 0], [0, 0]), (1, 2, 3): ([0, 0, 6], [0, 0, 3], [0, 0, 4])}
+    for natoms, (full, selected, symmetric) in cases.items():
+        n, s = sum(natoms), len(natoms)
+        batch, graph = graph_of(pos[:n], cell[:s], pbc[:s], torch.tensor(natoms), 6.0, 30)
+        assert graph[G.NEIGHBORS].tolist() == full
+        sub = G.select_edges(graph, batch.batch, cutoff=3.0, max_neighbors=1, num_structures=s)
+        assert sub[G.NEIGHBORS].tolist() == selected and sub[G.DISTANCE].shape == (selected[-1],)
+        sym = G.symmetrize_graph(sub, batch.batch, s)
+        ei, swap = sym[K.EDGE_INDEX], sym[G.ID_SWAP]
+        assert sym[G.NEIGHBORS].tolist() == symmetric and sym[K.EDGE_VECTOR].shape == (symmetric[-1], 3)
+        assert swap.dtype == torch.long and torch.equal(ei[:, swap], ei.flip(0))
+        assert bool((ei >= 3).all())  # only the molecule's atoms have edges
+
+
 def test_reference_gemnet_oc_main_graph():
     """cutoff 6, a2a graph (limit 1000, strict) -> 30 nearest (strict, by distance) -> symmetric."""
     ref = np.load(REFERENCE)

@@ -46,8 +46,11 @@ def _features(model) -> tuple[str, ...]:
     return tuple(f for f in model.available_features if f not in PER_EDGE)
 
 
-def _random_structure(seed: int, n: int = 12, periodic: bool = True) -> Data:
+def _random_structure(seed: int, n: int = 12, periodic: bool = True, tag: int | None = None) -> Data:
     """Random atoms at least 1.4 Å apart (periodic: in a skewed ~7 Å cell; else a cluster).
+
+    ``tag`` gives every atom that tag instead of the OC20-like slab/adsorbate mix: ``tag=0`` is
+    a COLL molecule, none of whose atoms is in GemNet-OC's quadruplet tags [1, 2].
 
     The cell is larger than the 6 Å cutoff of the tiny presets on purpose: an atom's own
     periodic images then never compete for the last places of the neighbour limit. They come
@@ -69,7 +72,7 @@ def _random_structure(seed: int, n: int = 12, periodic: bool = True) -> Data:
         if len(pos) == 0 or diff.norm(dim=-1).min() > 1.4:
             pos.append(p)
     z = torch.tensor([29, 29, 29, 29, 29, 78, 78, 78, 29, 29, 8, 6, 1, 1, 7, 8][:n])
-    tags = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2][:n])
+    tags = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2][:n]) if tag is None else torch.full((n,), tag)
     return Data(
         pos=torch.stack(pos),
         atomic_numbers=z,
@@ -79,6 +82,43 @@ def _random_structure(seed: int, n: int = 12, periodic: bool = True) -> Data:
         tags=tags,
         fixed=tags == 0,
     )
+
+
+def _molecule(numbers: list[int], positions: list[list[float]]) -> Data:
+    """A structure as the COLL loader reads one: no cell, not periodic, every tag 0.
+
+    Args:
+        numbers: atomic numbers.
+        positions: ``[n, 3]`` positions in Å.
+    """
+    n = len(numbers)
+    return Data(
+        pos=torch.tensor(positions, dtype=torch.float64).view(n, 3),
+        atomic_numbers=torch.tensor(numbers),
+        cell=torch.zeros(1, 3, 3, dtype=torch.float64),
+        pbc=torch.zeros(1, 3, dtype=torch.bool),
+        natoms=torch.tensor([n]),
+        tags=torch.zeros(n, dtype=torch.long),
+        fixed=torch.zeros(n, dtype=torch.bool),
+    )
+
+
+def _far_pair() -> Data:
+    """Two atoms 9 Å apart, beyond the 6 Å cutoff of the tiny presets: no edge at all."""
+    return _molecule([6, 8], [[0.0, 0.0, 0.0], [5.0, 6.0, -4.5]])
+
+
+def _systems(kind: str, seed: int) -> list[Data]:
+    """The structures of a symmetry test: one periodic crystal, one cluster (OC20-like tags), or
+    a COLL molecule (tags 0: no quadruplet) batched with an edgeless pair."""
+    if kind == "periodic":
+        return [_random_structure(seed)]
+    if kind == "molecule":
+        return [_random_structure(seed, n=8, periodic=False)]
+    return [_random_structure(seed, n=8, periodic=False, tag=0), _far_pair()]
+
+
+SYSTEMS = ["periodic", "molecule", "coll"]
 
 
 def _batch(*items: Data) -> Batch:
@@ -103,16 +143,17 @@ def _run(model, batch):
     return model(batch, features=_features(model))
 
 
-@pytest.mark.parametrize("periodic", [True, False], ids=["periodic", "molecule"])
+@pytest.mark.parametrize("system", SYSTEMS)
 @pytest.mark.parametrize("name", MODELS)
-def test_rotation(name, periodic):
+def test_rotation(name, system):
     model = _model(name)
-    data = _random_structure(1) if periodic else _random_structure(1, n=8, periodic=False)
+    items = _systems(system, 1)
     rot = _rotation(2)
-    turned = data.clone()
-    turned.pos = data.pos @ rot.T
-    turned.cell = data.cell @ rot.T
-    a, b = _run(model, _batch(data)), _run(model, _batch(turned))
+    turned = [d.clone() for d in items]
+    for d, t in zip(items, turned):
+        t.pos = d.pos @ rot.T
+        t.cell = d.cell @ rot.T
+    a, b = _run(model, _batch(*items)), _run(model, _batch(*turned))
     _close(b[K.ENERGY], a[K.ENERGY], "energy")
     _close(b[K.ATOM_ENERGY], a[K.ATOM_ENERGY], "atom_energy")
     _close(b[K.FORCES], a[K.FORCES] @ rot.T, "forces")
@@ -151,12 +192,16 @@ def _no_neighbor_limit(name: str) -> dict:
     return {"max_neighbors": 500}
 
 
+@pytest.mark.parametrize("system", ["mixed", "coll"])
 @pytest.mark.parametrize("name", MODELS)
-def test_permutation_and_batching(name):
+def test_permutation_and_batching(name, system):
     # Without a neighbour limit in reach: with one, the reference's symmetrisation (keep s -> t
     # when s < t, add the reverse) depends on the atom order, and so do PaiNN and GemNet-OC.
     model = _model(name, **_no_neighbor_limit(name))
-    one, two = _random_structure(4, n=8), _random_structure(5, n=6, periodic=False)
+    if system == "mixed":  # a crystal and a cluster
+        one, two = _random_structure(4, n=8), _random_structure(5, n=6, periodic=False)
+    else:  # a COLL molecule (tags 0) and an edgeless pair
+        one, two = _random_structure(4, n=8, periodic=False, tag=0), _far_pair()
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(6))
     shuffled = one.clone()
     for key in (K.POSITIONS, K.ATOMIC_NUMBERS, K.TAGS, K.FIXED):

@@ -37,7 +37,8 @@ def test_tiny_recipe_end_to_end(tmp_path):
     first = run_pipeline(recipe, out=out, log=logs.append)
     assert first.ran == ["data (demo)", "teacher (train)", "store (extract teacher features)",
                          "student baseline (no distillation)", "student n2n (n2n (λ=1))", "eval teacher (test split)",
-                         "eval baseline (test split)", "eval n2n (test split)", "report"]
+                         "eval baseline (test split)", "eval n2n (test split)",
+                         "throughput (inference, interleaved repeats)", "report"]
     assert (out / "store" / "teacher.zarr").is_dir()
 
     # the report's numbers are those of a separate `kdcache eval` of the same checkpoints
@@ -74,7 +75,7 @@ def test_tiny_recipe_end_to_end(tmp_path):
     logs2: list[str] = []
     second = run_pipeline(recipe, out=out, log=logs2.append)
     assert second.ran == []
-    assert sum(line.startswith("skip: ") for line in logs2) == 9
+    assert sum(line.startswith("skip: ") for line in logs2) == 10
     assert [r.metrics for r in second.rows] == [r.metrics for r in first.rows]
 
     # an interrupted stage resumes: the trainer continues from the run's last.pt (here: already at

@@ -59,7 +59,7 @@ def test_defaults_and_resolution():
     ({"data": {"train": "a"}}, "data.val", "is required"),
     ({"teacher": {"preset": "gemnet-oc-tiny"}}, "teacher", "checkpoint"),
     ({"colour": "blue"}, "colour", "unknown key"),
-    ({"students__train__scheduler": "cosine"}, "students.train", "scheduler"),  # stage two's own check
+    ({"students__train__scheduler": "cosine"}, "students.train.scheduler", "not one of"),  # stage two's own rule
 ])
 def test_errors_name_file_and_key(changes, key, words):
     with pytest.raises(ConfigError) as exc:

@@ -15,6 +15,7 @@ from kdcache.errors import StoreError
 from kdcache.store import FeatureStore
 from kdcache.store.writer import PROGRESS_DIR
 
+from .test_stats import assert_stats_match_stored_arrays
 from .conftest import REPO, assert_stores_equal, painn_cli_args, run_cli
 
 
@@ -60,3 +61,4 @@ def test_two_gloo_ranks_equal_single_process(painn_ref_store, mol_lmdb, painn_ck
     store = FeatureStore.open(out)
     assert store.provenance["extraction"]["world_size"] == 2
     assert_stores_equal(out, painn_ref_store)
+    assert_stats_match_stored_arrays(out)

@@ -23,9 +23,15 @@ def _config(tmp_path, name, **kw):
     return TrainConfig.from_dict(base)
 
 
-@pytest.mark.parametrize("strategy", ["n2n", "e2n", "v2v", "vanilla1", "vanilla2"])
-def test_each_strategy_lowers_its_own_loss(tmp_path, strategy, train_set, store):
-    cfg = _config(tmp_path, strategy, strategy=f"{strategy}:100", max_steps=6, batch_size=2)
+@pytest.mark.parametrize("strategy,feature_norm", [
+    ("n2n", "standard"), ("e2n", "standard"), ("v2v", "standard"), ("vanilla1", "standard"), ("vanilla2", "standard"),
+    ("n2n", "none"), ("v2v", "none")])
+def test_each_strategy_lowers_its_own_loss(tmp_path, strategy, feature_norm, train_set, store):
+    # PaiNN's vector features start at zero, so a standardised v2v term (of order one) falls
+    # slowly over the first steps: that case gets more of them and a looser bound
+    steps, bound = (12, 0.95) if (strategy, feature_norm) == ("v2v", "standard") else (6, 0.9)
+    cfg = _config(tmp_path, strategy, strategy=f"{strategy}:100", max_steps=steps, batch_size=2,
+                  feature_norm=feature_norm)
     trainer = Trainer(cfg, train_dataset=train_set, store=store)
     batch = collate(trainer.train_joined.__getitems__([0, 1, 2, 3]))  # seen and unseen samples
     with torch.no_grad():
@@ -33,8 +39,8 @@ def test_each_strategy_lowers_its_own_loss(tmp_path, strategy, train_set, store)
     result = trainer.fit()
     with torch.no_grad():
         after = trainer.objective(batch)[strategy].item()
-    assert result["step"] == 6
-    assert after < 0.9 * before, (strategy, before, after)
+    assert result["step"] == steps
+    assert after < bound * before, (strategy, before, after)
     # the run folder: resolved config, last checkpoint (kdcache format, loadable), metrics
     assert (tmp_path / strategy / "config.yaml").exists()
     assert (tmp_path / strategy / "metrics.csv").exists()
@@ -42,7 +48,7 @@ def test_each_strategy_lowers_its_own_loss(tmp_path, strategy, train_set, store)
 
     loaded = load_checkpoint(tmp_path / strategy / "last.pt")
     assert loaded.name == "painn"
-    assert loaded.extra["trainer_state"]["step"] == 6
+    assert loaded.extra["trainer_state"]["step"] == steps
 
 
 def _weights(path):

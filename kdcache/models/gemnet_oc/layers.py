@@ -187,7 +187,10 @@ class BasisEmbedding(nn.Module):
         """
         n_edges = rad_basis.shape[0]
         if self.num_spherical is not None:
-            rad = (rad_basis @ self.weight.reshape(self.weight.shape[0], -1)).reshape(n_edges, -1, sph_basis.shape[-1])
+            # explicit width, not -1: an empty edge set (a molecule has no quadruplet edges) has
+            # zero rows, and reshape cannot infer a dimension of a tensor with no elements
+            width = self.weight[0].numel() // sph_basis.shape[-1]
+            rad = (rad_basis @ self.weight.reshape(self.weight.shape[0], -1)).reshape(n_edges, width, sph_basis.shape[-1])
         else:
             rad = rad_basis @ self.weight.T
 
