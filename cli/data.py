@@ -1,4 +1,4 @@
-"""`kdcache data info|convert|demo`: look at, convert and generate datasets."""
+"""`kdcache data info|convert|demo|sample`: look at, convert, generate and perturb datasets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cli.common import user_errors
 
 app = typer.Typer(
     help="Datasets: inspect (info), convert ASE-readable files to OC20 LMDB (convert), "
-    "generate the embedded EMT demo data (demo).",
+    "generate the embedded EMT demo data (demo), draw unlabelled candidate structures from a seed set (sample).",
     no_args_is_help=True,
 )
 
@@ -69,22 +69,34 @@ def convert(
     src: Path = typer.Argument(..., help="Source: .xyz/.extxyz (e.g. COLL), ASE .db, .traj, or an LMDB."),
     dst: Path = typer.Argument(..., help="The OC20-format .lmdb file to write."),
     energy_key: Optional[str] = typer.Option(None, "--energy-key", help=ENERGY_KEY_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
 ):
     """Convert a dataset into one OC20-format LMDB (keeps sid, fid, tags and fixed atoms).
 
-    Every sample is checked on the way; the output file appears only when complete.
+    Every sample is checked on the way (positions, cell, energy and forces must be finite in
+    float32); the output file appears only when complete.
     """
     from tqdm import tqdm
 
     from kdcache.data import open_dataset
+    from kdcache.data.batch import require_finite
     from kdcache.data.lmdb_writer import sample_to_record, write_lmdb
     from kdcache.errors import DataError
 
     if dst.suffix != ".lmdb" or dst.is_dir():
         raise DataError(dst, None, None, "destination must be a .lmdb file" + (", not a folder" if dst.is_dir() else ""))
+    if dst.exists() and not overwrite:
+        raise DataError(dst, None, None, "destination exists; pass --overwrite to replace it")
     ds = open_dataset(src, energy_key=energy_key)
+
+    def records():
+        for i in range(len(ds)):
+            sample = ds[i]
+            require_finite(sample, ds, position=i)  # the rule training applies to every batch
+            yield sample_to_record(sample)
+
     with tqdm(total=len(ds), desc="converting", unit="sample") as bar:
-        n = write_lmdb(dst, (sample_to_record(ds[i]) for i in range(len(ds))), progress=bar.update)
+        n = write_lmdb(dst, records(), progress=bar.update)
     typer.echo(f"wrote {n} samples to {dst}")
 
 
@@ -110,3 +122,39 @@ def demo(
     paths = write_demo(out, num_train, num_val, num_test, seed=seed, progress=True, workers=workers)
     for split, p in paths.items():
         typer.echo(f"{split:5s} {p}")
+
+
+@app.command("sample")
+@user_errors
+def sample(
+    seed_data: Path = typer.Argument(..., help="Seed structures: an .lmdb file or folder, .xyz/.extxyz, .db or .traj "
+                                     "(labels are ignored)."),
+    out: Path = typer.Option(..., "--out", help="The OC20-format .lmdb file of candidates to write (no labels)."),
+    per_seed: int = typer.Option(4, "--per-seed", help="Candidates per seed structure."),
+    rattle: float = typer.Option(0.05, "--rattle", help="Gaussian displacement of each free atom's coordinates (Å, "
+                                 "standard deviation); fixed atoms are not rattled."),
+    strain: float = typer.Option(0.0, "--strain", help="Largest component of a random symmetric strain of cell and "
+                                 "positions (0.02: ±2 %)."),
+    min_distance: float = typer.Option(0.5, "--min-distance", help="Refuse candidates with two atoms closer than "
+                                       "this (Å, periodic images included); drawn again instead."),
+    attempts: int = typer.Option(10, "--attempts", help="Draws per wanted candidate before a seed gives up on it."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same file)."),
+):
+    """Draw candidate structures from a seed set (rattles, strains, a minimum-distance filter),
+    for a teacher to label once: `kdcache extract --teacher ... --data OUT`, then
+    `kdcache train --labels teacher`.
+
+    Deterministic for a --seed; the provenance (seed files and their SHA-256, settings, counts) is kept in the file.
+    """
+    from tqdm import tqdm
+
+    from kdcache.data.candidates import CandidateSettings, write_candidates
+
+    settings = CandidateSettings(per_seed=per_seed, rattle=rattle, strain=strain, min_distance=min_distance,
+                                 seed=seed, attempts=attempts)
+    with tqdm(desc="seed structures", unit="structure") as bar:
+        meta = write_candidates(seed_data, out, settings, progress=bar.update)
+    c = meta["counts"]
+    typer.echo(f"wrote {c['candidates']} candidates from {c['seed_structures']} seed structures to {out} "
+               f"({c['rejected_draws']} draws rejected by the {min_distance} Å minimum distance; "
+               f"{len(c['seeds_short'])} seed structure(s) gave fewer than {per_seed})")

@@ -19,7 +19,10 @@ def extract(
     out: Path = typer.Option(..., "--out", help="The store to write (a folder, e.g. teacher.zarr)."),
     teacher: Optional[str] = typer.Option(
         None, "--teacher", help="Preset name (gemnet-oc, painn-big, schnet, *-tiny ...). Optional with a checkpoint, "
-        "whose own model configuration always wins. Without --checkpoint: randomly initialised (demo only)."),
+        "whose own model configuration always wins. Without --checkpoint: randomly initialised (demo only). "
+        "Or any ASE calculator, ase:MODULE:FACTORY[:JSON-KWARGS], e.g. ase:ase.calculators.emt:EMT or "
+        "'ase:tblite.ase:TBLite:{\"method\": \"GFN2-xTB\"}': it stores energies, forces and, where the "
+        "calculator gives them, per-atom energies (this imports MODULE and runs its code)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Teacher checkpoint (Open Catalyst or kdcache)."),
     features: Optional[str] = typer.Option(
         None, "--features", help="Comma list of node,e2n,e2v,vector,atom_energy,outputs (default: all the teacher has). "
@@ -36,6 +39,8 @@ def extract(
     seed: int = typer.Option(0, "--seed", help="Initialisation seed of a teacher without checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     teacher_dtype: str = typer.Option("float32", "--teacher-dtype", help="Precision the teacher runs in: float32 or float64."),
+    workers: int = typer.Option(1, "--workers", help="Processes an ASE calculator teacher runs in (default 1); "
+                                "a resume may change it."),
 ):
     """Stage one: run a teacher once over a dataset into a Zarr feature store.
 
@@ -43,12 +48,17 @@ def extract(
     `torchrun --nproc-per-node N --no-python kdcache extract ...` every rank writes its own shards.
     """
     from kdcache.store.extract import extract as run
+    from kdcache.teachers.calculator import CalculatorSpec, is_calculator_spec
 
+    if is_calculator_spec(teacher):
+        # parsed here, on the command line: the one place a calculator spec (which imports and
+        # runs a module) is accepted from (kdcache.teachers.calculator)
+        teacher = CalculatorSpec.parse(teacher)
     res = run(
         data=data, out=out, teacher=teacher, checkpoint=str(checkpoint) if checkpoint else None,
         features=features.split(",") if features else None, dtype=dtype, label_dtype=label_dtype, codec=codec,
         batch_size=batch_size, device=device, limit=limit, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms,
-        overwrite=overwrite, seed=seed, progress=progress, teacher_dtype=teacher_dtype,
+        overwrite=overwrite, seed=seed, progress=progress, teacher_dtype=teacher_dtype, workers=workers,
     )
     if res.rank == 0:
         typer.echo(
@@ -72,6 +82,13 @@ def info(
         typer.echo(json.dumps(d, indent=2, sort_keys=True))
         return
     t = d["teacher"]
+    config = d.get("teacher_config") or {}
+    if "module" in config and "factory" in config:  # an ASE calculator teacher
+        version = f"{config.get('package')} {config.get('version') or '(version unknown)'}"
+        teacher_lines = [f"teacher     {t.get('name')} {json.dumps(config.get('kwargs') or {})} ({version})"]
+    else:
+        teacher_lines = [f"teacher     {t.get('name')} (preset {t.get('preset')}), checkpoint {t.get('checkpoint')}",
+                         f"            checkpoint sha256 {t.get('checkpoint_sha256')}"]
     lines = [
         f"store       {d['path']}",
         f"complete    {'yes' if d['complete'] else 'NO'} ({d['samples_done']}/{d['num_samples']} samples)",
@@ -79,8 +96,7 @@ def info(
         f"layout      shards of {d['shard_atoms']} atoms, chunks of {d['chunk_atoms']}, codec {d['codec']}",
         f"size        {human_bytes(d['size_bytes'])}",
         f"identity    {d['identity'] or 'none (unfinished, or a format 1 store without checksums)'}",
-        f"teacher     {t.get('name')} (preset {t.get('preset')}), checkpoint {t.get('checkpoint')}",
-        f"            checkpoint sha256 {t.get('checkpoint_sha256')}",
+        *teacher_lines,
         f"graph       {json.dumps(d['graph'])}",
         f"dataset     {json.dumps({k: v for k, v in (d['dataset'] or {}).items() if k != 'files'})}",
         "arrays:",

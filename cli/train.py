@@ -41,6 +41,10 @@ def train(
     force_coef: Optional[float] = typer.Option(None, help="Force loss coefficient (100)."),
     atom_ref: Optional[str] = typer.Option(
         None, "--atom-ref", help="fit (default): per-element reference energies fitted on --data; none."),
+    labels: Optional[str] = typer.Option(
+        None, "--labels", help="Energies and forces to train on: reference (default; the dataset's), teacher (the "
+        "store's teacher energy and forces: --data needs no labels), or both (a sample's own where it has them, "
+        "the teacher's where not)."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="Random rotations (targets rotate along)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
     deterministic: Optional[bool] = typer.Option(
@@ -58,7 +62,7 @@ def train(
                      feature_loss=feature_loss, student_map=student_map, feature_norm=feature_norm, out=out, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, seed=seed, device=device, lr=lr, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, num_workers=num_workers, scheduler=scheduler,
-                     energy_coef=energy_coef, force_coef=force_coef, atom_ref=atom_ref, progress=progress,
+                     energy_coef=energy_coef, force_coef=force_coef, atom_ref=atom_ref, labels=labels, progress=progress,
                      deterministic=deterministic)
     cfg = TrainConfig.load(config, overrides)
     if rotate is not None:

@@ -89,13 +89,27 @@ def non_finite_error(dataset, index: int, field: str, count: int, dtype: torch.d
                      f"(finite values beyond ±{torch.finfo(dtype).max:.3g} overflow {name})")
 
 
-def _first_non_finite(samples, field: str) -> tuple[int, int]:
-    """(dataset index, count of bad values) of the first sample whose ``field`` is not finite."""
-    for pos, s in enumerate(samples):
-        bad = int((~torch.isfinite(s[field])).sum())
+def require_finite(sample, dataset, fields: Sequence[str] = (*STRUCTURE_FLOATS, *LABELS), position: int = 0) -> None:
+    """Refuse a sample with a NaN or infinite value in one of ``fields`` (those it carries): the
+    one finiteness rule, applied per sample by ``kdcache data convert`` and, to find the culprit
+    of a bad batch, by :func:`collate`.
+
+    Args:
+        sample: a kdcache sample.
+        dataset: where it came from (names the file).
+        fields: the fields to check; absent and non-floating-point ones are skipped.
+        position: its position in a batch or dataset; used only when it has no ``sample_index``.
+
+    Raises:
+        DataError: naming the file, the dataset index, the field and how many values are bad.
+    """
+    for field in fields:
+        value = getattr(sample, field, None)
+        if value is None or not value.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(value)).sum())
         if bad:
-            return dataset_index(s, pos), bad
-    raise AssertionError(f"no sample holds the non-finite {field!r} of the batch")  # pragma: no cover
+            raise non_finite_error(dataset, dataset_index(sample, position), field, bad, value.dtype)
 
 
 def collate(samples: list, dataset=None, require: Sequence[str] = ()):
@@ -129,6 +143,7 @@ def collate(samples: list, dataset=None, require: Sequence[str] = ()):
         value = getattr(batch, field, None)
         if value is None or not value.is_floating_point() or bool(torch.isfinite(value).all()):
             continue
-        idx, bad = _first_non_finite(samples, field)
-        raise non_finite_error(dataset, idx, field, bad, value.dtype)
+        for pos, s in enumerate(samples):  # only now: find the culprit
+            require_finite(s, dataset, (field,), pos)
+        raise AssertionError(f"no sample holds the non-finite {field!r} of the batch")  # pragma: no cover
     return batch

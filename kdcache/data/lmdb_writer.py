@@ -32,6 +32,9 @@ from torch_geometric.data import Data
 
 from kdcache import keys as K
 
+#: where :func:`write_lmdb` keeps a file's ``metadata`` (beside ``length``, which OC20 readers
+#: use for the sample count, so an extra key is not taken for a sample)
+METADATA_KEY = b"kdcache_metadata"
 #: PyG 1.x Data.__dict__ had these slots, ``None`` unless set.
 _PYG1_SLOTS = ("x", "edge_index", "edge_attr", "y", "pos", "normal", "face")
 
@@ -154,7 +157,8 @@ def atoms_to_record(atoms, energy: float | None = None, forces=None, sid=None, f
 
 
 def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
-               write_length: bool = True, progress=None, commit_every: int = 1000) -> int:
+               write_length: bool = True, progress=None, commit_every: int = 1000,
+               metadata: dict[str, Any] | None = None) -> int:
     """Write records to an OC20-format LMDB file, atomically.
 
     Args:
@@ -165,11 +169,16 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
         write_length: store the pickled ``length`` key (OC20 files have it).
         progress: optional callable ``progress(n)`` called after each record.
         commit_every: records per write transaction.
+        metadata: plain data (dicts, lists, strings, numbers) kept under :data:`METADATA_KEY`;
+            read after the last record, so a dict filled in while ``records`` is generated is
+            written complete. Needs ``write_length`` (without it every entry counts as a sample).
 
     Returns:
         the number of records written.
     """
     path = Path(path)
+    if metadata is not None and not write_length:
+        raise ValueError("metadata needs write_length=True: readers would count its entry as a sample")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     map_size = 1 << 30
@@ -202,6 +211,8 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
                 flush()
         if write_length:
             pending.append((b"length", pickle.dumps(count, protocol=pickle.HIGHEST_PROTOCOL)))
+        if metadata is not None:
+            pending.append((METADATA_KEY, pickle.dumps(dict(metadata), protocol=pickle.HIGHEST_PROTOCOL)))
         flush()
         env.sync(True)
         env.close()

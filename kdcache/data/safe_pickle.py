@@ -258,4 +258,5 @@ def attributes_of(obj: Any, path=None, index: int | None = None) -> dict[str, An
         return {k: v for k, v in state.items() if not k.startswith("_") and v is not None}
     if isinstance(obj, dict):
         return {k: v for k, v in obj.items() if isinstance(k, str) and v is not None}
-    raise DataError(path, index, None, f"value is a {type(obj).__name__}, not a PyG Data object")
+    name = type(obj).__name__
+    raise DataError(path, index, None, f"value is {'an' if name[0] in 'aeiou' else 'a'} {name}, not a PyG Data object")

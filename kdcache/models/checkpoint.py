@@ -19,8 +19,10 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +169,11 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False, what: str = "ch
     if not path.is_file():
         raise CheckpointError(f"{what} {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            # torch warns on stderr about any pickle protocol above 2 before refusing or reading
+            # the file; the outcome (data or a named error) is all a user needs
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:
         raise CheckpointError(f"{what} {path}: cannot be read as a weights-only torch file ({_load_problem(exc)})") from None
     if not isinstance(ckpt, dict):
@@ -176,15 +182,28 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False, what: str = "ch
 
 
 def _load_problem(exc: Exception) -> str:
-    """One line from torch's load error. Its weights-only message spans paragraphs and suggests
-    ``weights_only=False``, i.e. running the file's code, which kdcache never does."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global[^\n]*)?$", text, re.M)
-    if refused:
-        return f"it holds Python objects, not only tensors and plain data: {refused.group(1).strip()}; " \
-               "a checkpoint is data, never code"
+    """One line from torch's load error: the reason, without torch's advice.
+
+    torch wraps the weights-only unpickler's own one-line reason (which it keeps as the
+    exception's context) in paragraphs that advise ``weights_only=False`` or allowlisting
+    globals, i.e. running the file's code, which kdcache never does: only the reason's first
+    sentence is kept.
+
+    Args:
+        exc: what ``torch.load`` raised.
+
+    Returns:
+        The reason, e.g. ``"... refused it: Trying to load unsupported GLOBAL posix.system whose
+        module posix is blocked; a checkpoint is data, never code"``.
+    """
+    refused = isinstance(exc, pickle.UnpicklingError) and isinstance(exc.__context__, pickle.UnpicklingError)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc.__context__ if refused else exc))
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first}"
+    # the first sentence names the global or opcode; what follows is advice
+    reason = re.split(r"(?<=\.)\s", first, maxsplit=1)[0].rstrip(".")
+    if refused:
+        return f"the weights-only unpickler refused it: {reason}; a checkpoint is data, never code"
+    return f"{type(exc).__name__}: {reason}"
 
 
 def _strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:

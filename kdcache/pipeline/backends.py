@@ -178,7 +178,8 @@ def _annotation_types(annotation) -> tuple[type, ...] | None:
 
 def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
     """Check ``store.options`` against ``kdcache extract``'s settings: known names, not one the
-    recipe sets elsewhere, and a value of the annotated type.
+    recipe sets elsewhere, a value of the annotated type, and one extraction accepts (its own
+    rules, :func:`kdcache.store.extract.check_settings`: a codec it knows, positive sizes...).
 
     Args:
         options: setting -> value.
@@ -198,6 +199,9 @@ def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
         if types is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in dict.fromkeys(types))
             raise ConfigError(f"{where(k)}: expected {names}, got {v!r}")
+    from kdcache.store.extract import check_settings
+
+    check_settings(options, where)
     return options
 
 

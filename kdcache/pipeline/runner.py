@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from kdcache.errors import ConfigError
+from kdcache.fs import ensure_output_folder
 from kdcache.pipeline import backends as B
 from kdcache.pipeline import report as R
 from kdcache.pipeline.recipe import ARCH_FEATURES, Recipe, StrategySpec, load_recipe, strategy_needs
@@ -95,6 +96,22 @@ def resolve_store_features(recipe: Recipe, teacher_arch: str | None) -> tuple[st
     return tuple(feats)
 
 
+def run_folder(recipe: Recipe, out: str | Path | None = None) -> Path:
+    """A pipeline's run folder: ``out`` (``pipeline run --out``), else the recipe's ``out``.
+
+    Args:
+        recipe: the loaded recipe.
+        out: the command line's ``--out``, or None.
+
+    Raises:
+        ConfigError: an existing file is there, naming ``--out`` or the recipe key ``out``
+            (refused before any stage, instead of a bare "File exists" from the first mkdir).
+    """
+    if out is not None:
+        return ensure_output_folder(out, "--out")
+    return ensure_output_folder(recipe.out, f"recipe {recipe.path}: key 'out':")
+
+
 class Pipeline:
     """Runs one recipe. ``log`` receives every progress line (default: print)."""
 
@@ -102,7 +119,7 @@ class Pipeline:
                  log: Callable[[str], None] | None = None, jobs: int = 1):
         self.recipe = recipe
         self.jobs = max(1, int(jobs))
-        self.out = Path(out) if out is not None else recipe.out
+        self.out = run_folder(recipe, out)
         self.device = B.resolve_device(device or recipe.device)
         self.log = log or (lambda msg: print(msg, flush=True))
         self.stages: list[StageResult] = []

@@ -12,7 +12,7 @@ from pathlib import Path
 from kdcache.errors import CheckpointError, ConfigError
 from kdcache.pipeline import backends as B
 from kdcache.pipeline.recipe import Recipe, load_recipe
-from kdcache.pipeline.runner import resolve_store_features
+from kdcache.pipeline.runner import resolve_store_features, run_folder
 
 
 def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build_models: bool = True) -> dict:
@@ -21,7 +21,7 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
     Args:
         recipe: a recipe file or a loaded recipe.
         check_files: require data paths and the teacher checkpoint to exist (and environment
-            variables in them to be set).
+            variables in them to be set), and the output folder not to be an existing file.
         build_models: build the teacher and student presets on the meta device.
 
     Raises:
@@ -58,6 +58,7 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
                     raise fail(f"strategies[{i}]", f"v2v needs a student with vector features (PaiNN); "
                                                    f"{r.student.preset} ({student['name']}) has {list(student['features'])}")
     if check_files:
+        run_folder(r)  # the output folder can be made (not an existing file)
         if r.data.demo is None:
             for k in ("train", "val", "test"):
                 if not Path(getattr(r.data, k)).exists():

@@ -6,6 +6,10 @@ multi-process run and an uninterrupted single run write the same bytes. Under ``
 rank takes a contiguous, shard-aligned range of groups; rank 0 creates the store, waits for every
 group's marker and finishes the store.
 
+What one group's values are comes from a *runner*: :class:`ModelRunner` batches samples through a
+kdcache model; :class:`kdcache.teachers.calculator.CalculatorRunner` runs any ASE calculator on
+each structure, in worker processes. Groups, markers, resume, lock and provenance are shared.
+
 One job writes a store at a time: rank 0 holds the store's write lock
 (:mod:`kdcache.store.lock`) from before it creates or resumes the store until it is finished, and
 a second ``kdcache extract`` on the same ``--out`` is refused with a message naming the holder.
@@ -22,7 +26,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -35,10 +39,15 @@ from kdcache.store import format as F
 from kdcache.store.lock import WriteLock
 from kdcache.store.writer import PROGRESS_DIR, StoreWriter, jsonable, remove_store
 
+if TYPE_CHECKING:
+    from kdcache.teachers.calculator import CalculatorSpec
+
 RANDOM_TEACHER_WARNING = (
     "RANDOMLY INITIALISED TEACHER: no checkpoint was given, so the stored targets come from "
     "untrained weights. Fine for a demo or a test; worthless for distillation."
 )
+#: the precisions a teacher model runs in (``--teacher-dtype``)
+TEACHER_DTYPES = ("float32", "float64")
 #: config keys that describe the teacher's graph (recorded as "graph settings")
 _GRAPH_WORDS = ("cutoff", "max_neighbors", "pbc", "otf_graph", "qint_tags", "enforce_max_neighbors")
 
@@ -56,6 +65,22 @@ class Teacher:
     preset: str | None = None
     seed: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """What of the teacher decides the stored values (part of the store's request)."""
+        d = {k: self.describe()[k] for k in ("name", "config", "checkpoint_sha256", "weights_sha256")}
+        if self.checkpoint is None:
+            d["seed"] = self.seed
+        return d
+
+    @property
+    def warnings(self) -> list[str]:
+        return [RANDOM_TEACHER_WARNING] if self.checkpoint is None else []
+
+    @property
+    def graph(self) -> dict:
+        """The teacher's graph settings (recorded as "graph")."""
+        return {k: v for k, v in self.config.items() if any(w in k for w in _GRAPH_WORDS)}
 
     def describe(self) -> dict:
         d = {
@@ -215,7 +240,7 @@ def dataset_natoms(dataset, n: int, progress: bool = False) -> np.ndarray:
 def set_teacher_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     """Run the teacher in ``dtype`` (float32 unless asked otherwise, whatever the checkpoint
     stored); the label normaliser stays float64 so that large energy means keep their digits."""
-    if dtype not in ("float32", "float64"):
+    if dtype not in TEACHER_DTYPES:
         raise ConfigError(f"--teacher-dtype {dtype!r}: choose float32 or float64")
     model.to(getattr(torch, dtype))
     if hasattr(model, "normalizer"):
@@ -232,8 +257,96 @@ def _batch_to(batch, dev: torch.device, dtype: str):
     return batch
 
 
-def _graph_settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if any(w in k for w in _GRAPH_WORDS)}
+class ModelRunner:
+    """Computes a model teacher's values for lists of samples, ``batch_size`` per forward.
+
+    Every runner (this one, :class:`kdcache.teachers.calculator.CalculatorRunner`) offers the
+    same: ``keys`` (per-atom store keys), ``has_energy``, ``batch_size`` (samples per call; None:
+    a whole group), ``request`` (settings besides the teacher that decide the values),
+    ``row_shapes(dataset)``, and a call ``(items, ids, advance) -> {key: tensor, "energy": [S]}``
+    that calls ``advance(k)`` as samples are done; and it is a context manager.
+
+    Args:
+        teacher: the model teacher.
+        features: the ``--features`` choice (see :func:`resolve_features`).
+        dataset: where the samples come from.
+        dev: where the model runs.
+        teacher_dtype: its precision.
+        batch_size: samples per forward.
+    """
+
+    def __init__(self, teacher: Teacher, features, dataset, dev: torch.device, teacher_dtype: str, batch_size: int):
+        self.model = set_teacher_dtype(teacher.model, teacher_dtype)
+        for p in self.model.parameters():  # forces may need autograd w.r.t. positions, never w.r.t. weights
+            p.requires_grad_(False)
+        self.keys, self.has_energy = resolve_features(self.model, features)
+        self.hidden = [k for k in self.keys if k in F.HIDDEN_KEYS]
+        self.dataset, self.dev, self.teacher_dtype, self.batch_size = dataset, dev, teacher_dtype, batch_size
+        # batches decide the values (a batch's sums), so a resume must batch the same way
+        self.request = {"batch_size": batch_size, "teacher_dtype": teacher_dtype}
+
+    def __enter__(self) -> "ModelRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def row_shapes(self, dataset) -> dict[str, tuple]:
+        """One forward on the first sample tells the feature widths."""
+        probe = self([dataset[0]], [0], lambda k: None)
+        return {k: tuple(probe[k].shape[1:]) for k in self.keys}
+
+    def __call__(self, items: list, ids, advance) -> dict:
+        from kdcache.data.batch import collate
+
+        batch = _batch_to(collate(items, self.dataset), self.dev, self.teacher_dtype)  # labels not needed
+        pred = self.model.predict(batch, self.hidden)
+        advance(len(items))
+        return pred
+
+
+def resolve_teacher(teacher, checkpoint: str | None, features, dataset, dev: torch.device, seed: int,
+                    teacher_dtype: str, batch_size: int, workers: int):
+    """The teacher and its runner for ``--teacher``/``--checkpoint``.
+
+    A calculator teacher is accepted only as a
+    :class:`~kdcache.teachers.calculator.CalculatorSpec` object (what ``kdcache extract
+    --teacher ase:...`` parses), never as a string: a string reaches here also from settings a
+    user names implicitly (a pipeline recipe's ``teacher.preset``), and a calculator spec imports
+    and runs the module it names (see :mod:`kdcache.teachers.calculator`).
+
+    Args:
+        teacher: preset name, ``CalculatorSpec``, or None.
+        checkpoint: model checkpoint, or None.
+        features: the ``--features`` choice.
+        dataset: the dataset.
+        dev: where a model runs.
+        seed: initialisation seed of a checkpoint-less model.
+        teacher_dtype: a model's precision.
+        batch_size: samples per model forward.
+        workers: calculator processes (model teachers: 1).
+
+    Raises:
+        ConfigError: a calculator spec given as a string, a calculator with a checkpoint, or
+            ``--workers`` with a model teacher.
+    """
+    from kdcache.teachers.calculator import CalculatorSpec, CalculatorTeacher, is_calculator_spec
+
+    if isinstance(teacher, CalculatorSpec):
+        if checkpoint is not None:
+            raise ConfigError(f"--teacher {teacher.name} is an ASE calculator; it takes no --checkpoint")
+        calc = CalculatorTeacher(teacher)
+        return calc, calc.runner(features, dataset, workers)
+    if is_calculator_spec(teacher):
+        raise ConfigError(
+            f"teacher {teacher!r}: an ASE calculator teacher imports and runs the module it names, so it is "
+            "taken only from the command line (`kdcache extract --teacher ase:MODULE:FACTORY`), or in Python as "
+            "kdcache.teachers.calculator.CalculatorSpec; not from a recipe or another setting")
+    if int(workers) != 1:
+        raise ConfigError("--workers is for ASE calculator teachers (--teacher ase:...); a model teacher runs "
+                          "batches in one process per device (several GPUs: torchrun)")
+    model_teacher = load_teacher(teacher, checkpoint, dev, seed=seed)
+    return model_teacher, ModelRunner(model_teacher, features, dataset, dev, teacher_dtype, batch_size)
 
 
 def _fingerprint(dataset, path) -> dict:
@@ -267,10 +380,47 @@ class ExtractResult:
         return self.seconds_write / busy if busy else 0.0
 
 
+def _option_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def check_settings(settings: dict[str, Any], name=_option_name) -> None:
+    """Refuse setting values no store can be made with, before any work: the one place their
+    rules live, for :func:`extract` (the command line) and a recipe's ``store.options``
+    (``kdcache pipeline validate``, before a teacher is trained).
+
+    Args:
+        settings: setting -> value, for any of ``dtype``, ``label_dtype``, ``teacher_dtype``,
+            ``codec``, ``batch_size``, ``limit``, ``shard_atoms`` and ``chunk_atoms`` (other
+            settings are not checked here). Where only one of ``shard_atoms`` and
+            ``chunk_atoms`` is given, the other is its default for the rule that ties them.
+        name: how a message names a setting (default: its option, ``--shard-atoms``).
+
+    Raises:
+        ConfigError: ``"<name(setting)>: <what is wrong>"``.
+    """
+    choices = {"dtype": F.FEATURE_DTYPES, "label_dtype": F.LABEL_DTYPES, "teacher_dtype": TEACHER_DTYPES,
+               "codec": F.CODECS}
+    for key, allowed in choices.items():
+        if key in settings and settings[key] not in allowed:
+            raise ConfigError(f"{name(key)}: {settings[key]!r} is not one of {', '.join(allowed)}")
+    for key in ("batch_size", "limit", "shard_atoms", "chunk_atoms"):
+        if settings.get(key) is not None and settings[key] <= 0:
+            left_out = " (leave it out to store every sample)" if key == "limit" else ""
+            raise ConfigError(f"{name(key)}: must be positive, got {settings[key]}{left_out}")
+    if "shard_atoms" in settings or "chunk_atoms" in settings:
+        # a shard file holds whole inner chunks (format.Layout.plan)
+        shard = settings.get("shard_atoms", F.DEFAULT_SHARD_ATOMS)
+        chunk = settings.get("chunk_atoms", F.DEFAULT_CHUNK_ATOMS)
+        if shard % chunk:
+            key = "shard_atoms" if "shard_atoms" in settings else "chunk_atoms"
+            raise ConfigError(f"{name(key)}: shard_atoms ({shard}) must be a multiple of chunk_atoms ({chunk})")
+
+
 def extract(
     data: str | os.PathLike,
     out: str | os.PathLike,
-    teacher: str | None = None,
+    teacher: str | CalculatorSpec | None = None,
     checkpoint: str | None = None,
     features: Sequence[str] | None = None,
     dtype: str = "float16",
@@ -285,21 +435,27 @@ def extract(
     seed: int = 0,
     progress: bool = True,
     teacher_dtype: str = "float32",
+    workers: int = 1,
 ) -> ExtractResult:
     """Run ``teacher`` over ``data`` into the store ``out`` (create, resume, or refuse).
 
     Args:
         data: dataset path (anything :func:`kdcache.data.open_dataset` reads).
         out: store folder (``*.zarr``).
-        teacher: preset name; optional when ``checkpoint`` names its model.
+        teacher: preset name; optional when ``checkpoint`` names its model. Or an ASE
+            calculator as a :class:`~kdcache.teachers.calculator.CalculatorSpec` (the command
+            line's ``--teacher ase:MODULE:FACTORY[:JSON]``; a string is refused, see
+            :func:`resolve_teacher`).
         checkpoint: teacher checkpoint (its configuration wins over the preset's).
         features: subset of ``node, e2n, e2v, vector, atom_energy, outputs`` (default: all the
-            teacher offers).
+            teacher offers; a calculator offers ``atom_energy`` where it gives per-atom energies,
+            and ``outputs``).
         dtype: hidden-feature dtype: ``float16``, ``bfloat16`` or ``float32``.
         label_dtype: dtype of energies/per-atom energies/forces: ``float32`` or ``float64``.
         codec: ``none`` (default, fastest reads), ``zstd`` or ``blosc-lz4``.
         batch_size: samples per teacher forward (part of the store's identity: a resume must
-            use the same, so that batches, and hence values, are the same).
+            use the same, so that batches, and hence values, are the same). Not used by a
+            calculator, which computes each structure on its own.
         device: ``cpu``, ``cuda``, ``cuda:1``...; default ``cuda:LOCAL_RANK`` when CUDA exists.
         limit: store only the first ``limit`` samples.
         shard_atoms: atoms per shard (~64 k).
@@ -309,16 +465,12 @@ def extract(
         seed: initialisation seed of a checkpoint-less (random) teacher.
         progress: show a progress bar (rank 0).
         teacher_dtype: dtype the teacher runs in (``float32``; ``float64`` for parity checks).
+        workers: processes a calculator teacher runs in (default 1: this process); a resume may
+            use another number, the values do not depend on it.
     """
     t_start = time.perf_counter()
-    if dtype not in F.FEATURE_DTYPES:
-        raise ConfigError(f"--dtype {dtype!r}: choose from {list(F.FEATURE_DTYPES)}")
-    if label_dtype not in F.LABEL_DTYPES:
-        raise ConfigError(f"--label-dtype {label_dtype!r}: choose from {list(F.LABEL_DTYPES)}")
-    if codec not in F.CODECS:
-        raise ConfigError(f"--codec {codec!r}: choose from {list(F.CODECS)}")
-    if batch_size <= 0:
-        raise ConfigError("--batch-size must be positive")
+    check_settings(dict(dtype=dtype, label_dtype=label_dtype, teacher_dtype=teacher_dtype, codec=codec,
+                        batch_size=batch_size, limit=limit, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms))
     out = ensure_output_folder(out)
     # this process's GPU is chosen (and made current) before the first collective
     dev = D.pick_device(device)
@@ -338,6 +490,7 @@ def extract(
             return _extract(
                 data, out, teacher, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
                 shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, t_start, teacher_dtype,
+                workers,
             )
     finally:
         lock.release()
@@ -386,24 +539,18 @@ def _lock_and_clean(lock: WriteLock, out: Path) -> None:
 
 def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
              shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, t_start,
-             teacher_dtype) -> ExtractResult:
-    from kdcache.data.batch import collate
-
+             teacher_dtype, workers) -> ExtractResult:
     dataset = open_data(data)
     n_total = len(dataset)
     n = n_total if limit is None else max(0, min(int(limit), n_total))
-    teacher = load_teacher(teacher_name, checkpoint, dev, seed=seed)
-    model = teacher.model
-    set_teacher_dtype(model, teacher_dtype)
-    for p in model.parameters():  # forces may need autograd w.r.t. positions, never w.r.t. weights
-        p.requires_grad_(False)
-    keys, has_energy = resolve_features(model, features)
-    hidden = [k for k in keys if k in F.HIDDEN_KEYS]
+    teacher, runner = resolve_teacher(teacher_name, checkpoint, features, dataset, dev, seed, teacher_dtype,
+                                      batch_size, workers)
+    keys, has_energy = runner.keys, runner.has_energy
     dtypes = {k: (dtype if k in F.HIDDEN_KEYS else label_dtype) for k in keys}
     dtypes[K.ENERGY] = label_dtype
     fingerprint = _fingerprint(dataset, data)
     request = {
-        "teacher": {k: teacher.describe()[k] for k in ("name", "config", "checkpoint_sha256", "weights_sha256")},
+        "teacher": teacher.identity(),
         "dataset": fingerprint,
         "num_samples": n,
         "features": keys,
@@ -412,16 +559,13 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
         "codec": codec,
         "shard_atoms": shard_atoms,
         "chunk_atoms": chunk_atoms,
-        "batch_size": batch_size,
-        "teacher_dtype": teacher_dtype,
+        **runner.request,
     }
-    if teacher.checkpoint is None:
-        request["teacher"]["seed"] = seed
 
     # --- rank 0: create, resume or refuse; the others learn the outcome ---------------------
     resumed = _on_rank0(rank, "prepare", out, lambda: _prepare_store(
-        out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden, codec, shard_atoms, chunk_atoms,
-        fingerprint, has_energy, dev, progress, teacher_dtype))
+        out, request, overwrite, dataset, n, dtypes, teacher, runner, codec, shard_atoms, chunk_atoms, fingerprint,
+        progress))
 
     writer = StoreWriter.open(out)
     lay = writer.layout
@@ -475,40 +619,41 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
         if bar is not None:
             bar.set_postfix_str(f"write {100 * t_blocked / max(t_fwd + t_blocked, 1e-9):.1f}%", refresh=False)
 
+    advance = bar.update if bar is not None else (lambda k: None)
     try:
-        for g in todo:
-            t0 = time.perf_counter()
-            lo, hi = lay.group_atoms(g)
-            rows = {k: np.zeros((hi - lo, *shapes[k]), dtype=storage[k]) for k in keys}
-            samples = lay.group_samples(g)
-            energy = np.zeros(len(samples), dtype=np.float64)
-            hashes = np.zeros(len(samples), dtype=np.uint64)
-            for b0 in range(samples.start, samples.stop, batch_size):
-                ids = range(b0, min(b0 + batch_size, samples.stop))
-                items = [dataset[i] for i in ids]
-                for i, item in zip(ids, items):
-                    if int(item[K.POSITIONS].shape[0]) != int(lay.natoms[i]):
-                        raise DataError(data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the store "
-                                        f"was laid out for {int(lay.natoms[i])}: the dataset changed; use --overwrite")
-                    hashes[i - samples.start] = np.int64(_sample_hash(item)).view(np.uint64)
-                batch = _batch_to(collate(items, dataset), dev, teacher_dtype)  # labels not needed
-                pred = model.predict(batch, hidden)
-                a = int(lay.atom_start[ids.start]) - lo
-                b = a + int(lay.natoms[ids.start : ids.stop].sum())
-                for k in keys:
-                    rows[k][a:b] = F.to_storage(pred[k], dtypes[k])
-                energy[ids.start - samples.start : ids.stop - samples.start] = (
-                    pred[K.ENERGY].detach().double().cpu().numpy() if has_energy else 0.0
-                )
-                if bar is not None:
-                    bar.update(len(ids))
-            t_fwd += time.perf_counter() - t0
-            settle()
-            pending = (g, pool.submit(write, g, rows, energy, hashes))
-            if delay:
+        with runner:  # a calculator's worker processes live while groups are computed
+            for g in todo:
+                t0 = time.perf_counter()
+                lo, hi = lay.group_atoms(g)
+                rows = {k: np.zeros((hi - lo, *shapes[k]), dtype=storage[k]) for k in keys}
+                samples = lay.group_samples(g)
+                energy = np.zeros(len(samples), dtype=np.float64)
+                hashes = np.zeros(len(samples), dtype=np.uint64)
+                step = runner.batch_size or len(samples)
+                for b0 in range(samples.start, samples.stop, step):
+                    ids = range(b0, min(b0 + step, samples.stop))
+                    items = [dataset[i] for i in ids]
+                    for i, item in zip(ids, items):
+                        if int(item[K.POSITIONS].shape[0]) != int(lay.natoms[i]):
+                            raise DataError(data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the "
+                                            f"store was laid out for {int(lay.natoms[i])}: the dataset changed; "
+                                            "use --overwrite")
+                        hashes[i - samples.start] = np.int64(_sample_hash(item)).view(np.uint64)
+                    pred = runner(items, ids, advance)
+                    a = int(lay.atom_start[ids.start]) - lo
+                    b = a + int(lay.natoms[ids.start : ids.stop].sum())
+                    for k in keys:
+                        rows[k][a:b] = F.to_storage(pred[k], dtypes[k])
+                    energy[ids.start - samples.start : ids.stop - samples.start] = (
+                        pred[K.ENERGY].detach().double().cpu().numpy() if has_energy else 0.0
+                    )
+                t_fwd += time.perf_counter() - t0
                 settle()
-                time.sleep(delay)
-        settle()
+                pending = (g, pool.submit(write, g, rows, energy, hashes))
+                if delay:
+                    settle()
+                    time.sleep(delay)
+            settle()
     finally:
         if pending is not None:  # an error in a forward: let the write in flight finish cleanly
             pending[1].exception()
@@ -532,11 +677,9 @@ def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, 
                          bool(resumed), rank, world_size, t_blocked)
 
 
-def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, model, hidden, codec, shard_atoms,
-                   chunk_atoms, fingerprint, has_energy, dev, progress, teacher_dtype) -> bool:
+def _prepare_store(out, request, overwrite, dataset, n, dtypes, teacher, runner, codec, shard_atoms, chunk_atoms,
+                   fingerprint, progress) -> bool:
     """Create the store, or check an existing one can be resumed. Returns True when resuming."""
-    from kdcache.data.batch import collate
-
     # an empty folder (made by hand, or by a scheduler) is a store yet to be created: the
     # rename below may replace it
     exists = out.exists() and any(out.iterdir())
@@ -548,11 +691,9 @@ def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, m
             raise StoreError(f"{out} is a folder but not a feature store; --overwrite replaces only stores: "
                              "remove it yourself or choose another --out")
         remove_store(out)
-    # one forward on the first sample tells the feature widths
     if n == 0:
         raise ConfigError(f"{dataset!r} has no samples to extract")
-    probe = model.predict(_batch_to(collate([dataset[0]], dataset), dev, teacher_dtype), hidden)
-    row_shapes = {k: tuple(probe[k].shape[1:]) for k in keys}
+    row_shapes = runner.row_shapes(dataset)
     natoms = dataset_natoms(dataset, n, progress=progress)
     # A dataset smaller than one shard gets one shard of its own size: padding a few thousand
     # atoms out to 64 k would make small stores mostly zeros on disk.
@@ -562,10 +703,10 @@ def _prepare_store(out, request, overwrite, dataset, n, keys, dtypes, teacher, m
     provenance = {
         "teacher": teacher.describe(),
         "dataset": {**fingerprint, "path": str(Path(getattr(dataset, "path", "")).resolve()) if getattr(dataset, "path", None) else None},
-        "graph": _graph_settings(teacher.config),
-        "features": keys,
-        "has_energy": has_energy,
-        "warnings": [RANDOM_TEACHER_WARNING] if teacher.checkpoint is None else [],
+        "graph": teacher.graph,
+        "features": runner.keys,
+        "has_energy": runner.has_energy,
+        "warnings": list(teacher.warnings),
     }
     # build the empty store beside its final place and rename it: a kill during creation leaves
     # no half-made store under the requested name

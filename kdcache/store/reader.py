@@ -39,9 +39,12 @@ class FeatureStore:
         require_complete: refuse a store whose extraction has not finished.
         load_samples: check and load the per-sample arrays now; ``False`` leaves that to
             :meth:`load_samples` (``kdcache store verify`` first checks every file itself).
+        check_identity: refuse a checksummed store whose metadata no longer gives its recorded
+            identity (``False``: ``kdcache store verify``, which reports it instead).
     """
 
-    def __init__(self, path: str | os.PathLike, require_complete: bool = True, load_samples: bool = True):
+    def __init__(self, path: str | os.PathLike, require_complete: bool = True, load_samples: bool = True,
+                 check_identity: bool = True):
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path}: no feature store here (no zarr.json)")
@@ -67,6 +70,8 @@ class FeatureStore:
         self.per_atom_keys: tuple[str, ...] = tuple(attrs["per_atom_keys"])
         self.dtypes: dict[str, str] = dict(attrs["dtypes"])
         self._records = self._checksum_records(attrs)
+        if check_identity and self._records is not None:
+            self._check_identity(attrs)
         self._arrays = {k: self._array(root, k) for k in (*F.PER_SAMPLE_KEYS, *self.per_atom_keys)}
         self._metas = {k: a.metadata for k, a in self._arrays.items()}
         self._shard_atoms = int(attrs["layout"]["shard_atoms"])
@@ -130,6 +135,22 @@ class FeatureStore:
             raise StoreError(f"{self.path}: a format {self.format_version} store must record {F.CHECKSUM} checksums of "
                              f"its files, this one records {rec.get('algorithm')!r}; {F.DAMAGED_HINT}")
         return rec["files"]
+
+    def _check_identity(self, attrs: dict) -> None:
+        """Refuse a finished format 2 store whose metadata is not what was written: hand-edited
+        attributes (teacher, statistics, layout...) or arrays' ``zarr.json``, which the data
+        files' checksums do not cover but its identity does. Cheap: one SHA-256 over a few small
+        JSON documents, computed as the writer computed it (:func:`format.store_identity`).
+
+        Raises:
+            StoreError: naming the store, both identities and what to do.
+        """
+        recorded = attrs.get("identity")
+        actual = F.store_identity(self.path, attrs)
+        if recorded != actual:
+            raise StoreError(f"{self.path}: its metadata (zarr.json attributes or an array's zarr.json) changed since "
+                             f"it was written (identity {actual[:12]}..., {str(recorded)[:12]}... recorded; "
+                             f"`kdcache store verify` shows it); {F.DAMAGED_HINT}")
 
     def _record(self, key: str, i: int) -> list | None:
         if self._records is None:

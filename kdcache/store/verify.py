@@ -128,6 +128,7 @@ class VerifyReport:
     identity: str | None = None
     identity_ok: bool | None = None  # None: no identity recorded
     dataset_checked: bool = False
+    dataset_skipped: str | None = None  # why a dataset that was given was not compared
     fingerprint_ok: bool = True
     fingerprint_problems: list[str] = field(default_factory=list)
     samples_checked: int = 0
@@ -168,7 +169,8 @@ class VerifyReport:
                 out.append(f"samples    {self.samples_checked} checked, "
                            + ("all hashes match" if not nbad else f"{nbad} DIFFER (first: {self.hash_mismatches[:5]})"))
         else:
-            out.append("dataset    not checked (no --data)")
+            out.append(f"dataset    not checked: {self.dataset_skipped}" if self.dataset_skipped else
+                       "dataset    not checked (no --data)")
         if not self.damaged:
             out.append(f"digest     {'matches' if self.digest_ok else 'DIFFERS'}")
         if self.damaged:
@@ -201,7 +203,8 @@ def verify_store(path: str | os.PathLike, dataset=None, quick: bool = False, pro
         quick: skip hashing the per-atom shard files (the per-sample ones are small and hashed).
         progress: show progress bars.
     """
-    store = FeatureStore(path, require_complete=False, load_samples=False)
+    # the identity is compared below and reported, not refused at open
+    store = FeatureStore(path, require_complete=False, load_samples=False, check_identity=False)
     rep = VerifyReport(path=str(store.path), complete=store.complete, format_version=store.format_version)
     if not rep.complete:
         return rep
@@ -232,7 +235,10 @@ def verify_store(path: str | os.PathLike, dataset=None, quick: bool = False, pro
             rep.damaged.append(str(exc).removesuffix(hint))
             rep.identity_ok = False
     if damaged_keys & set(F.PER_SAMPLE_KEYS):
-        return rep  # the per-sample values cannot be trusted: nothing more to compare
+        # the per-sample values (the samples' hashes among them) cannot be trusted: nothing more to compare
+        if dataset is not None:
+            rep.dataset_skipped = "skipped, the store's per-sample arrays are damaged (its sample hashes cannot be trusted)"
+        return rep
     store.load_samples()
     rep.digest_ok = (store.provenance.get("dataset") or {}).get("sample_hashes_sha256") == sample_hashes_digest(store.sample_hash)
     if dataset is not None:

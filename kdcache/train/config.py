@@ -27,6 +27,10 @@ from kdcache.train.strategies import FEATURE_LOSSES, STUDENT_MAPS, format_strate
 FEATURE_NORMS = ("standard", "none")
 SCHEDULERS = ("constant", "warmup_step", "warmup_exp", "plateau")
 ATOM_REFS = ("fit", "none")
+#: where the training energies and forces come from: the dataset's (``reference``), the
+#: teacher's stored ones (``teacher``: the data need no labels), or the dataset's where a sample
+#: has them and the teacher's where not (``both``); see :func:`kdcache.train.data.apply_label_source`
+LABEL_SOURCES = ("reference", "teacher", "both")
 
 _KIND_NAMES = {int: "int", float: "int or float", str: "str", bool: "true or false", list: "a list", dict: "a mapping"}
 
@@ -115,6 +119,7 @@ _RULES: dict[str, _Rule] = {
     "energy_mean": _Rule(float, optional=True),
     "energy_std": _Rule(float, optional=True, gt=0),
     "atom_ref": _Rule(str, choices=ATOM_REFS),
+    "labels": _Rule(str, choices=LABEL_SOURCES),
     "scheduler": _Rule(str, choices=SCHEDULERS),
     "warmup_steps": _COUNT,
     "warmup_factor": _FRACTION,  # 0: the reference warm-up starts from zero
@@ -218,6 +223,13 @@ class TrainConfig:
         atom_ref: ``fit`` (default): least-squares per-element reference energies on the training
             set, mean/std then taken on the residual E - Σ ref[Z]; ``none``: no references. Only
             used when the statistics are computed (``normalize_labels`` and no given mean/std).
+        labels: the energies and forces trained on: ``reference`` (default: the dataset's
+            labels, every sample must have them), ``teacher`` (the store's teacher energy and
+            forces, extracted with ``outputs``; the dataset's labels are never read, so
+            unlabelled structures train), or ``both`` (a sample's own energy or forces where it
+            has them, the teacher's where it has not). Statistics of the normaliser and
+            per-element references are taken on the same labels. Validation always uses the
+            validation set's reference labels.
         scheduler: ``constant`` | ``warmup_step`` | ``warmup_exp`` | ``plateau``.
         warmup_steps, warmup_factor: linear warm-up from ``warmup_factor·lr`` over these steps.
         lr_milestones, lr_gamma: step decay (multiply by gamma at each milestone step).
@@ -260,6 +272,7 @@ class TrainConfig:
     energy_mean: float | None = None
     energy_std: float | None = None
     atom_ref: str = "fit"
+    labels: str = "reference"
     scheduler: str = "constant"
     warmup_steps: int = 0
     warmup_factor: float = 0.2

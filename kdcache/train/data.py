@@ -12,7 +12,9 @@ rotations as an uninterrupted one, whatever the number of loader workers.
 
 Training batches go through :func:`kdcache.data.collate` with the labels required: a sample
 without energy or forces, or with a value that is not finite in float32, stops the run with an
-error naming its file, its dataset index and the field.
+error naming its file, its dataset index and the field. Which energies and forces those are is
+decided here too (``labels``, :func:`apply_label_source`): the dataset's, or the teacher's from
+the store, so that the objective and the loader see one kind of labelled sample either way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,26 @@ TARGET_PREFIX = "kd_"
 VECTOR_TARGETS = (K.E2V, K.VECTOR, K.FORCES)
 PER_SAMPLE_TARGETS = (K.ENERGY,)
 AUGMENTATIONS = ("rotate",)
+#: the store keys the teacher's labels come from (``labels: teacher|both``)
+TEACHER_LABEL_KEYS = (K.ENERGY, K.FORCES)
+
+
+def apply_label_source(sample, source: str) -> None:
+    """Make ``sample``'s ``energy`` and ``forces`` the labels ``source`` trains on (in place).
+
+    Args:
+        sample: a sample with the teacher's energy and forces attached (``kd_energy``,
+            ``kd_forces``) unless ``source`` is ``reference``.
+        source: ``reference`` (the sample's own: unchanged), ``teacher`` (the teacher's, in place
+            of any the sample has) or ``both`` (each of the two from the sample where it has it,
+            else from the teacher).
+    """
+    if source == "reference":
+        return
+    for key in TEACHER_LABEL_KEYS:
+        if source == "teacher" or getattr(sample, key, None) is None:
+            # float32 like a dataset's own labels (make_sample): a batch then has one dtype
+            sample[key] = sample[target_key(key)].to(torch.float32)
 
 
 def target_key(store_key: str) -> str:
@@ -81,18 +103,23 @@ class JoinedDataset(Dataset):
         seed: seed of the augmentation randomness.
         check_hash: compare the store's ``sample_hash`` with the structure's (during the first
             epoch: by then every sample has been checked once; later epochs skip the cost).
+        labels: the energies and forces to train on, ``reference``, ``teacher`` or ``both`` (see
+            :func:`apply_label_source`); the teacher's are read from the store.
     """
 
     def __init__(self, dataset, store=None, store_keys: Sequence[str] = (), augment: Sequence[str] = (),
-                 seed: int = 0, check_hash: bool = True):
+                 seed: int = 0, check_hash: bool = True, labels: str = "reference"):
         bad = [a for a in augment if a not in AUGMENTATIONS]
         if bad:
             raise ConfigError(
                 f"augmentation {bad} cannot be applied: stored targets live in the frame of the stored "
                 f"structure and only {list(AUGMENTATIONS)} can be carried over to them"
             )
-        self.dataset, self.store = dataset, store
-        self.store_keys = tuple(store_keys)
+        if labels != "reference" and store is None:
+            raise ConfigError(f"labels {labels!r} come from the teacher: they need a feature store (--store)")
+        self.dataset, self.store, self.labels = dataset, store, labels
+        extra = TEACHER_LABEL_KEYS if labels != "reference" else ()
+        self.store_keys = tuple(dict.fromkeys([*store_keys, *extra]))
         self.augment = tuple(augment)
         self.seed, self.epoch = int(seed), 0
         self.check_hash = check_hash
@@ -111,6 +138,8 @@ class JoinedDataset(Dataset):
         samples = [self.dataset[int(i)] for i in indices]
         if self.store is not None and self.store_keys:
             self._attach(samples, [int(i) for i in indices])
+        for s in samples:  # before a rotation, which then turns the labels' forces too
+            apply_label_source(s, self.labels)
         if "rotate" in self.augment:
             for i, s in zip(indices, samples):
                 gen = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch, int(i)))

@@ -100,6 +100,9 @@ class DistillationObjective(nn.Module):
         raise ConfigError(f"strategy {term.name!r}: unknown kind {spec.kind!r}")  # pragma: no cover
 
     def label_losses(self, out: dict, batch, free: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Energy MAE and force L2MAE against the batch's ``energy``/``forces``: the training
+        labels, which are the dataset's or, with ``labels: teacher|both``, the teacher's (chosen
+        per sample where the batch is loaded, :func:`kdcache.train.data.apply_label_source`)."""
         norm = self.student.normalizer
         _, ref_sum = norm.batch_reference(batch, out[K.ENERGY].dtype)
         e_t = norm.norm_energy(batch[K.ENERGY].to(out[K.ENERGY].dtype), ref_sum)

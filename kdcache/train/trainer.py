@@ -24,9 +24,16 @@ from torch import nn
 from kdcache import distributed as D
 from kdcache import keys as K
 from kdcache.data.batch import LABELS, dataset_index, non_finite_error, require_fields
-from kdcache.errors import CheckpointError, ConfigError, NumericalError, StoreError
+from kdcache.errors import CheckpointError, ConfigError, DataError, NumericalError, StoreError
 from kdcache.train.config import TrainConfig
-from kdcache.train.data import JoinedDataset, LabelledLoader, SkipBatches, make_batch_sampler, make_loader
+from kdcache.train.data import (
+    TEACHER_LABEL_KEYS,
+    JoinedDataset,
+    LabelledLoader,
+    SkipBatches,
+    make_batch_sampler,
+    make_loader,
+)
 from kdcache.train.ema import EMA
 from kdcache.train.objective import DistillationObjective, build_maps, feature_widths
 from kdcache.train.schedule import LRSchedule
@@ -89,28 +96,49 @@ def _sample_indices(n: int, max_samples: int, seed: int):
     return range(n)
 
 
-def _labelled_energies(dataset, max_samples: int, seed: int) -> tuple[list[float], list[np.ndarray]]:
-    """Energies and compositions of (a seeded subset of) the training samples, for the normaliser.
+def _labelled_energies(dataset, max_samples: int, seed: int, store=None, labels: str = "reference"
+                       ) -> tuple[list[float], list[np.ndarray]]:
+    """Energies and compositions of (a seeded subset of) the training samples, for the normaliser:
+    the energies training uses (``labels``, see :attr:`TrainConfig.labels`).
+
+    Args:
+        dataset: the training set.
+        max_samples: at most this many (a seeded subset).
+        seed: the subset's seed.
+        store: the feature store (the teacher's energies; needed unless ``labels`` is ``reference``).
+        labels: ``reference``, ``teacher`` or ``both``.
 
     Raises:
-        DataError: a sample without energy/forces or with a non-finite energy (its file, its
-            index): statistics over it would make the normaliser, and every weight, NaN.
+        DataError: a sample without energy/forces (``reference``) or with a non-finite energy
+            (its file, its index): statistics over it would make the normaliser, and every
+            weight, NaN.
     """
+    indices = [int(i) for i in _sample_indices(len(dataset), max_samples, seed)]
+    # one read of the teacher's energies (per sample, no per-atom rows)
+    teacher = store.read(indices, keys=())[K.ENERGY].double().numpy() if labels != "reference" else None
     energies, comps = [], []
-    for i in _sample_indices(len(dataset), max_samples, seed):
-        sample = dataset[int(i)]
-        require_fields(sample, dataset, LABELS, int(i))
-        e = float(sample[K.ENERGY].reshape(-1)[0])
-        if not math.isfinite(e):
-            raise non_finite_error(dataset, dataset_index(sample, int(i)), K.ENERGY, 1, sample[K.ENERGY].dtype)
+    for j, i in enumerate(indices):
+        sample = dataset[i]
+        if teacher is not None and (labels == "teacher" or getattr(sample, K.ENERGY, None) is None):
+            e = float(teacher[j])
+            if not math.isfinite(e):
+                raise DataError(getattr(store, "path", "the store"), i, K.ENERGY, "the teacher's energy is NaN or infinite")
+        else:
+            if labels == "reference":
+                require_fields(sample, dataset, LABELS, i)
+            e = float(sample[K.ENERGY].reshape(-1)[0])
+            if not math.isfinite(e):
+                raise non_finite_error(dataset, dataset_index(sample, i), K.ENERGY, 1, sample[K.ENERGY].dtype)
         energies.append(e)
         comps.append(sample[K.ATOMIC_NUMBERS].reshape(-1).cpu().numpy())
     return energies, comps
 
 
-def label_statistics(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0) -> tuple[float, float]:
-    """Mean and std of the training energies (a seeded subset for very large sets)."""
-    energies = torch.tensor(_labelled_energies(dataset, max_samples, seed)[0], dtype=torch.float64)
+def label_statistics(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0, store=None,
+                     labels: str = "reference") -> tuple[float, float]:
+    """Mean and std of the training energies (a seeded subset for very large sets; ``store`` and
+    ``labels`` as in :func:`_labelled_energies`)."""
+    energies = torch.tensor(_labelled_energies(dataset, max_samples, seed, store, labels)[0], dtype=torch.float64)
     std = float(energies.std()) if energies.numel() > 1 else 1.0
     return float(energies.mean()), (std if std > 0 else 1.0)
 
@@ -140,10 +168,11 @@ def fit_atom_refs(energies, compositions) -> np.ndarray:
     return ref
 
 
-def label_statistics_with_refs(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0
-                               ) -> tuple[float, float, np.ndarray]:
-    """Fitted per-element references, then mean and std of the residual energies E - Σ ref[Z]."""
-    energies, comps = _labelled_energies(dataset, max_samples, seed)
+def label_statistics_with_refs(dataset, max_samples: int = NORMALIZER_MAX_SAMPLES, seed: int = 0, store=None,
+                               labels: str = "reference") -> tuple[float, float, np.ndarray]:
+    """Fitted per-element references, then mean and std of the residual energies E - Σ ref[Z]
+    (``store`` and ``labels`` as in :func:`_labelled_energies`)."""
+    energies, comps = _labelled_energies(dataset, max_samples, seed, store, labels)
     ref = fit_atom_refs(energies, comps)
     resid = np.asarray(energies, dtype=np.float64) - np.array([ref[z].sum() for z in comps], dtype=np.float64)
     std = float(resid.std(ddof=1)) if resid.size > 1 else 1.0
@@ -208,16 +237,23 @@ class Trainer:
         return open_dataset(path)
 
     def _open_store(self):
-        if not self.terms:
+        labels = self.cfg.labels
+        if not self.terms and labels == "reference":
             return None  # the baseline reads no store, even when one is named
+        needs = f"strategy {self.cfg.to_dict()['strategy']}" if self.terms else f"--labels {labels}"
         if not self.cfg.store:
-            raise ConfigError(f"strategy {self.cfg.to_dict()['strategy']} needs a feature store (--store)")
+            raise ConfigError(f"{needs} needs a feature store (--store)")
         from kdcache.store import FeatureStore
 
         try:
-            return FeatureStore.open(self.cfg.store, dataset=self.train_dataset, require_complete=True)
+            store = FeatureStore.open(self.cfg.store, dataset=self.train_dataset, require_complete=True)
         except StoreError as exc:
             raise ConfigError(f"store {self.cfg.store} cannot be used for training on {self.cfg.data}: {exc}") from exc
+        lacking = [k for k in TEACHER_LABEL_KEYS if k not in store.feature_keys]
+        if labels != "reference" and lacking:
+            raise ConfigError(f"--labels {labels} trains on the teacher's energy and forces, but store {self.cfg.store} "
+                              f"holds {list(store.feature_keys)}; extract with --features ...,outputs")
+        return store
 
     # --- model ----------------------------------------------------------------------------
     def _setup_model(self) -> None:
@@ -233,7 +269,8 @@ class Trainer:
             self.terms, getattr(self.store, "feature_keys", None) if self.store is not None else None,
             teacher_name=teacher, store_path=str(cfg.store or "the store"))
         needed = sorted({k for keys in self.store_keys.values() for k in keys})
-        self.train_joined = JoinedDataset(self.train_dataset, self.store, needed, cfg.augment, seed=cfg.seed)
+        self.train_joined = JoinedDataset(self.train_dataset, self.store, needed, cfg.augment, seed=cfg.seed,
+                                          labels=cfg.labels)
         if not cfg.normalize_labels:
             mean, std = 0.0, 1.0
         elif cfg.energy_mean is not None and cfg.energy_std is not None:
@@ -241,10 +278,11 @@ class Trainer:
         elif (self.out / LAST).exists():
             mean, std = 0.0, 1.0  # a resumed run restores the normaliser from last.pt
         elif cfg.atom_ref == "fit":
-            mean, std, ref = label_statistics_with_refs(self.train_dataset, seed=cfg.seed)
+            mean, std, ref = label_statistics_with_refs(self.train_dataset, seed=cfg.seed, store=self.store,
+                                                        labels=cfg.labels)
             student.normalizer.atom_ref.copy_(torch.from_numpy(ref))
         else:
-            mean, std = label_statistics(self.train_dataset, seed=cfg.seed)
+            mean, std = label_statistics(self.train_dataset, seed=cfg.seed, store=self.store, labels=cfg.labels)
         student.normalizer.energy_mean.fill_(mean)
         student.normalizer.energy_std.fill_(std)
         student.normalizer.forces_std.fill_(std)
@@ -309,10 +347,13 @@ class Trainer:
         self._saved_step = self.step
 
     def _kept(self) -> str:
-        """What is on disk after a stop, for error messages."""
+        """What is on disk after a stop, for error messages. Not presented as a good fallback:
+        weights that are still finite may already be diverging (a too high learning rate makes
+        them grow for several steps before the loss overflows), which only an evaluation tells."""
         if self._saved_step is None:
             return "no checkpoint was written"
-        return f"{self.out / LAST} keeps the weights of step {self._saved_step}"
+        return (f"{self.out / LAST} keeps the weights of step {self._saved_step}. They may already be diverging "
+                "(then `kdcache eval` of it fails on NaN predictions)")
 
     def _require_finite_weights(self) -> None:
         """Refuse to validate or save NaN/infinite weights, so ``last.pt``/``best.pt`` keep the last
@@ -331,7 +372,7 @@ class Trainer:
                      "overflowed")
         raise NumericalError(
             f"step {self.step}: the weights became NaN or infinite ({cause}); training stopped, {self._kept()}. "
-            "Lower --lr, set clip_grad, or check those samples' labels")
+            "Lower --lr or clip_grad (--config), or check those samples' labels")
 
     def resume(self) -> bool:
         path = self.out / LAST
@@ -467,7 +508,7 @@ class Trainer:
             f"step {self.step + 1}: the training loss is {values['loss']}"
             + (f" ({', '.join(bad)})" if bad else "")
             + f" on the batch of samples {batch[K.SAMPLE_INDEX].view(-1).tolist()} of {self.cfg.data}; "
-            f"training stopped, {self._kept()}. Lower --lr or check those samples' labels")
+            f"training stopped, {self._kept()}. Lower --lr or clip_grad (--config), or check those samples' labels")
 
     def fit(self, stop_after_steps: int | None = None) -> dict:
         """Train to ``total_steps`` (resuming from ``last.pt`` when there is one).

@@ -19,7 +19,7 @@ from kdcache.pipeline.recipe import load_recipe
 from kdcache.pipeline.validate import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-PAPER = sorted((ROOT / "pipelines").glob("*/*.yaml"))
+PAPER = sorted(p for group in ("oc20", "coll") for p in (ROOT / "pipelines" / group).glob("*.yaml"))
 TABLE6 = Path(__file__).resolve().parents[1] / "fixtures" / "paper_table6.csv"
 #: configurations of the paper: (teacher preset, student preset)
 EXPECTED = {
@@ -151,7 +151,13 @@ def test_paper_recipe_settings_are_tables_3_to_5(path):
 def test_demo_recipe_validates_and_cli_reports_missing_files(tmp_path):
     s = validate_recipe(ROOT / "pipelines" / "demo.yaml")
     assert s["teacher"]["preset"] == "gemnet-oc-tiny" and s["students"]["preset"] == "painn-tiny"
-    assert s["runs"] == ["baseline", "n2n", "e2n", "v2v", "vanilla1", "vanilla2"]
+    assert s["runs"] == ["baseline", "n2n", "v2v", "vanilla2"] and s["seeds"] == [0, 1, 2]
+    # the size of the shipped teacher checkpoint's own model, not of the preset
+    from kdcache.models.checkpoint import load_checkpoint
+
+    shipped = load_checkpoint(ROOT / "pipelines" / "demo" / "teacher.pt").model
+    assert s["teacher"]["params"] == sum(p.numel() for p in shipped.parameters())
+    assert s["teacher"]["built_on"] == "checkpoint"
     runner = CliRunner()
     ok = runner.invoke(app, ["pipeline", "validate", str(ROOT / "pipelines/oc20/different.yaml"), "--no-check-files"])
     assert ok.exit_code == 0 and "38.864 M parameters" in ok.output

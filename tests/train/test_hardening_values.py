@@ -140,6 +140,9 @@ def test_a_huge_learning_rate_stops_before_nan_weights_are_saved(tmp_path, good)
     m = re.match(r"error: step (\d+): the training loss is nan .* on the batch of samples \[[\d, ]+\]", errors[0])
     assert m, errors[0]
     assert assert_finite_checkpoint(out / "last.pt")["step"] == int(m.group(1)) - 1
+    # finite is not good: the kept weights are not offered as a fallback
+    assert (f"{out / 'last.pt'} keeps the weights of step {int(m.group(1)) - 1}. They may already be diverging "
+            "(then `kdcache eval` of it fails on NaN predictions). Lower --lr or clip_grad (--config)") in errors[0]
 
 
 def test_nan_weights_are_never_saved(tmp_path, good):
