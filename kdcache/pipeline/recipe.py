@@ -353,7 +353,12 @@ def _check_strategy(c: _Checker, value, key: str) -> StrategySpec:
     else:
         strategy = s.get("strategy", name)
         c.typed(strategy, f"{key}.strategy", str)
-        terms = {strategy: s.get("lambda", 1.0)}
+        if s.get("lambda") is None:
+            from kdcache.train.strategies import STRATEGIES as _TABLE  # the one table of defaults
+
+            terms = {strategy: _TABLE[strategy].default_lambda if strategy in _TABLE else 1.0}
+        else:
+            terms = {strategy: s["lambda"]}
     out_terms = {}
     for strat, lam in terms.items():
         tkey = f"{key}.terms.{strat}" if "terms" in s else f"{key}.lambda"

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcache.pipeline.statistics import NOISE_SE, Summary, format_summary, summarise
+from kdcache.pipeline.statistics import NOISE_SE, Summary, format_summary, paired_gaps, summarise
 
 #: metrics of ``kdcache eval`` in report order: (key, header, unit, digits); EFwT comes as a
 #: fraction and is shown in % (the CSV keeps the fraction, as ``kdcache eval --json`` gives it)
@@ -103,7 +103,11 @@ def add_gaps(rows: list[Row]) -> list[Row]:
     """Fill ``gap``, ``gap_stats`` and ``metric_stats`` of every row.
 
     Gap closed is computed per seed against the baseline of the same seed (the seeds pair up in
-    order), then summarised over seeds; ``gap`` holds the means.
+    order): ``(baseline_s - distilled_s) / (mean_s baseline_s - teacher)``. The numerator is paired,
+    which removes the seed-to-seed variation that both runs share; the denominator is the gap of
+    the mean baseline, the same for every seed, because a single seed's gap can be close to zero
+    (a lucky baseline) and its ratio then explodes. The mean over seeds is the gap closed of the
+    mean metrics; ``gap`` holds it, ``gap_stats`` its spread (standard error over seeds).
     """
     teacher = next((r for r in rows if r.kind == "teacher"), None)
     baseline = next((r for r in rows if r.kind == "baseline"), None)
@@ -118,8 +122,8 @@ def add_gaps(rows: list[Row]) -> list[Row]:
         for m in GAP_METRICS:
             if not (m in r.metrics and m in teacher.metrics and m in baseline.metrics):
                 continue
-            per_seed = [gap_closed(float(b[m]), float(d[m]), float(teacher.metrics[m]),
-                                   higher_is_better=m in HIGHER_IS_BETTER) for b, d in zip(base_runs, r.runs)]
+            per_seed = paired_gaps([float(b[m]) for b in base_runs], [float(d[m]) for d in r.runs],
+                                   float(teacher.metrics[m]), higher_is_better=m in HIGHER_IS_BETTER)
             r.gap_stats[m] = summarise(per_seed)
             r.gap[m] = per_seed[0] if len(per_seed) == 1 else r.gap_stats[m].mean
     return rows
@@ -148,8 +152,8 @@ def _fmt_pct(v) -> str:
 
 #: marks of a gap closed over several seeds
 GAIN_MARK, NOISE_MARK, WORSE_MARK = "*", "~", "!"
-NOISE_LEGEND = (f"Gap closed over seeds: mean ± standard error of the per-seed gaps (each against the "
-                f"baseline of the same seed). {GAIN_MARK} a gain above {NOISE_SE:g} standard errors; "
+NOISE_LEGEND = (f"Gap closed over seeds: mean ± standard error of the per-seed gaps (each seed's distilled "
+                f"run against the baseline of the same seed, over the mean baseline's gap to the teacher). {GAIN_MARK} a gain above {NOISE_SE:g} standard errors; "
                 f"{NOISE_MARK} within noise (not above {NOISE_SE:g} SE); {WORSE_MARK} worse than the baseline "
                 f"beyond {NOISE_SE:g} SE. Metrics: mean ± standard deviation over seeds.")
 SINGLE_SEED_NOTE = ("One seed per run: there is no estimate of seed-to-seed noise, so no gap closed here is "

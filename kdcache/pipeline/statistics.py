@@ -5,7 +5,8 @@ from noise. Every run of a recipe is repeated for each seed; then
 
 * a metric is reported as mean ± sample standard deviation over seeds;
 * gap closed is computed **per seed** against the baseline of the **same seed** (pairing removes
-  the seed-to-seed variation the two runs share), and reported as mean ± standard error
+  the seed-to-seed variation the two runs share), over the gap of the mean baseline (see
+  :func:`kdcache.pipeline.report.add_gaps`), and reported as mean ± standard error
   (``sd / sqrt(n)``);
 * a gain counts only when the mean gap closed is above two standard errors
   (:data:`NOISE_SE`); anything else is marked as within noise.
@@ -69,7 +70,7 @@ def summarise(values: Iterable[float]) -> Summary:
 
 def paired_gaps(baseline: Sequence[float], distilled: Sequence[float], teacher: float | Sequence[float],
                 higher_is_better: bool = False) -> list[float]:
-    """Gap closed of each seed against the same seed's baseline.
+    """Gap closed of each seed against the same seed's baseline, over the mean baseline's gap.
 
     Args:
         baseline: the baseline metric per seed.
@@ -82,7 +83,10 @@ def paired_gaps(baseline: Sequence[float], distilled: Sequence[float], teacher: 
     if len(baseline) != len(distilled):
         raise ValueError(f"{len(baseline)} baseline seeds but {len(distilled)} distilled seeds")
     teachers = [teacher] * len(baseline) if isinstance(teacher, (int, float)) else list(teacher)
-    return [gap_closed(b, d, t, higher_is_better) for b, d, t in zip(baseline, distilled, teachers)]
+    mean_base, mean_teacher = sum(baseline) / len(baseline), sum(teachers) / len(teachers)
+    if math.isnan(gap_closed(mean_base, mean_base, mean_teacher, higher_is_better)):
+        return [float("nan")] * len(baseline)  # the teacher is not better than the baseline
+    return [(b - d) / (mean_base - mean_teacher) for b, d in zip(baseline, distilled)]
 
 
 def format_summary(s: Summary, scale: float = 1.0, digits: int = 1, pct: bool = False, error: str = "sd") -> str:

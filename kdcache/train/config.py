@@ -97,7 +97,7 @@ _RULES: dict[str, _Rule] = {
     "data": _PATH,
     "val": _PATH,
     "store": _PATH,
-    "lambda_": _Rule(float, ge=0),
+    "lambda_": _Rule(float, optional=True, ge=0),
     "feature_loss": _Rule(str, choices=FEATURE_LOSSES),
     "student_map": _Rule(str, choices=STUDENT_MAPS),
     "feature_norm": _Rule(str, choices=FEATURE_NORMS),
@@ -200,7 +200,8 @@ class TrainConfig:
         val: validation dataset path (optional; without it there is no ``best.pt``).
         store: feature store path (needed by every strategy but ``none``).
         strategy: ``none``, a name, ``"n2n:100,v2v:10"`` or a list (see ``parse_strategy``).
-        lambda_: weight of a strategy given without one.
+        lambda_: weight of a strategy given without one (default: the strategy's own
+            ``default_lambda`` in :data:`kdcache.train.strategies.STRATEGIES`).
         feature_loss: ``mse`` | ``mae`` | ``huber``.
         student_map: ``linear`` | ``identity`` | ``mlp``.
         feature_norm: ``standard`` (default): feature targets are standardised with the store's
@@ -250,7 +251,7 @@ class TrainConfig:
     val: str | None = None
     store: str | None = None
     strategy: Any = "none"
-    lambda_: float = 1.0
+    lambda_: float | None = None
     feature_loss: str = "mse"
     student_map: str = "linear"
     feature_norm: str = "standard"

@@ -33,6 +33,9 @@ class StrategySpec:
         store_keys: candidate store keys in order of preference (the first present is used);
             ``vanilla1`` needs every one of them.
         needs_all: True when every store key is needed (not one of them).
+        default_lambda: λ of the strategy when none is given (feature strategies: for the
+            default scale-free loss, ``feature_norm: standard``; docs/strategies.md shows the
+            runs that chose them).
     """
 
     name: str
@@ -40,15 +43,18 @@ class StrategySpec:
     student_feature: str | None
     store_keys: tuple[str, ...]
     needs_all: bool = False
+    default_lambda: float = 1.0
 
 
 STRATEGIES: dict[str, StrategySpec] = {
-    "n2n": StrategySpec("n2n", "scalar", K.NODE, (K.NODE,)),
-    "e2n": StrategySpec("e2n", "scalar", K.NODE, (K.E2N,)),
-    # PaiNN teachers store their own vector features; edge-feature teachers store e2v.
-    "v2v": StrategySpec("v2v", "vector", K.VECTOR, (K.VECTOR, K.E2V)),
-    "vanilla1": StrategySpec("vanilla1", "labels", None, (K.ENERGY, K.FORCES), needs_all=True),
-    "vanilla2": StrategySpec("vanilla2", "atom_energy", None, (K.ATOM_ENERGY,)),
+    "n2n": StrategySpec("n2n", "scalar", K.NODE, (K.NODE,), default_lambda=10.0),
+    "e2n": StrategySpec("e2n", "scalar", K.NODE, (K.E2N,), default_lambda=10.0),
+    # PaiNN teachers store their own vector features; edge-feature teachers store e2v
+    # (kdcache/features.py: Σ over edges into the atom of unit edge vector ⊗ edge feature).
+    "v2v": StrategySpec("v2v", "vector", K.VECTOR, (K.VECTOR, K.E2V), default_lambda=10.0),
+    "vanilla1": StrategySpec("vanilla1", "labels", None, (K.ENERGY, K.FORCES), needs_all=True, default_lambda=1.0),
+    # per-atom energies in normalised units are small (~std/natoms): a weight of order 100
+    "vanilla2": StrategySpec("vanilla2", "atom_energy", None, (K.ATOM_ENERGY,), default_lambda=100.0),
 }
 STRATEGY_NAMES = ("none",) + tuple(STRATEGIES)
 FEATURE_LOSSES = ("mse", "mae", "huber")
@@ -67,7 +73,7 @@ class Term:
         return STRATEGIES[self.name]
 
 
-def _one_term(item, default_weight: float) -> Term | None:
+def _one_term(item, default_weight: float | None) -> Term | None:
     if isinstance(item, Mapping):
         if set(item) >= {"name"}:
             name, weight = item["name"], item.get("weight", default_weight)
@@ -82,6 +88,10 @@ def _one_term(item, default_weight: float) -> Term | None:
     name = str(name).strip().lower()
     if name not in STRATEGY_NAMES:
         raise ConfigError(f"unknown strategy {name!r}; known: {', '.join(STRATEGY_NAMES)}")
+    if name == "none":
+        return None
+    if weight is None:
+        weight = STRATEGIES[name].default_lambda
     try:
         weight = float(weight)
     except (TypeError, ValueError):
@@ -93,13 +103,14 @@ def _one_term(item, default_weight: float) -> Term | None:
     return Term(name, weight)
 
 
-def parse_strategy(spec, default_weight: float = 1.0) -> list[Term]:
+def parse_strategy(spec, default_weight: float | None = None) -> list[Term]:
     """Parse ``"v2v"``, ``"n2n:100,v2v:10"``, a YAML list of such strings or of
     ``{name: weight}`` / ``{name:, weight:}`` mappings. ``none`` (or empty) gives ``[]``.
 
     Args:
         spec: the strategy as given by the user.
-        default_weight: weight of a strategy named without one (``--lambda``).
+        default_weight: weight of a strategy named without one (``--lambda``); None: each
+            strategy's own ``default_lambda``.
     """
     if spec is None:
         return []

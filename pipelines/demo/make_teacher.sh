@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-make the demo's teacher checkpoint, pipelines/demo/teacher.pt (about 30 minutes on 1 CPU core):
+# Re-make the demo's teacher checkpoint, pipelines/demo/teacher.pt (about 25 minutes on an idle 2-core machine with KDCACHE_THREADS=2):
 #   bash pipelines/demo/make_teacher.sh [WORK_FOLDER]
 # The teacher is trained on 4000 demo frames (seed 0). The first 600 of them are, bit for bit,
 # the training split of pipelines/demo.yaml (the demo data are generated system by system from

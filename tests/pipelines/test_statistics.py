@@ -46,11 +46,18 @@ def test_paired_gaps_use_same_seed_baseline():
     teacher = 500.0
     distilled = [b - 0.1 * (b - teacher) for b in baseline]
     gaps = paired_gaps(baseline, distilled, teacher)
-    assert gaps == pytest.approx([0.1, 0.1, 0.1])
+    mean_gap = sum(baseline) / 3 - teacher  # 350
+    assert gaps == pytest.approx([0.1 * (b - teacher) / mean_gap for b in baseline])  # 0.143, 0.057, 0.1
     s = summarise(gaps)
-    assert s.sd == pytest.approx(0.0, abs=1e-12)
+    assert s.mean == pytest.approx(0.1)  # = the gap closed of the mean metrics
     # unpaired (distilled seed 1 against baseline seed 0) would not give 10 %
     assert paired_gaps([1000.0], [distilled[1]], teacher) != pytest.approx([0.1])
+    # the denominator is the mean baseline's gap: a seed whose baseline is nearly as good as the
+    # teacher does not blow its ratio up (per-seed denominators would give (560-550)/(560-500) = 17 %)
+    gaps = paired_gaps([1000.0, 560.0], [955.0, 550.0], 500.0)
+    assert gaps == pytest.approx([45 / 280, 10 / 280])
+    # no gap to close on average: undefined, not a misleading ratio
+    assert all(g != g for g in paired_gaps([500.0, 520.0], [450.0, 500.0], 515.0))
     # higher-is-better metrics
     assert paired_gaps([0.5], [0.6], 0.9, higher_is_better=True) == pytest.approx([0.25])
     with pytest.raises(ValueError):

@@ -183,3 +183,15 @@ def test_teacher_labels_go_through_the_students_normalisation():
     parts = DistillationObjective(_Stub(off, mean, std), terms, keys, force_coef=100.0)(batch)
     assert parts["vanilla1"].item() == pytest.approx(100.0 * 5.0 / 2)
     assert parts["forces"].item() == pytest.approx(5.0 / 2)
+
+
+def test_each_strategy_has_its_own_default_lambda():
+    from kdcache.train import TrainConfig
+    from kdcache.train.strategies import STRATEGIES
+
+    got = {t.name: t.weight for t in parse_strategy("n2n,e2n,v2v,vanilla1,vanilla2")}
+    assert got == {name: spec.default_lambda for name, spec in STRATEGIES.items()}
+    assert got["v2v"] == 10.0 and got["vanilla2"] == 100.0 and got["vanilla1"] == 1.0
+    # --lambda still overrides for every strategy named without a weight; an explicit one wins
+    assert [t.weight for t in parse_strategy("n2n,v2v:3", 0.5)] == [0.5, 3.0]
+    assert TrainConfig(strategy="v2v").terms == [Term("v2v", 10.0)]
