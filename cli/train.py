@@ -20,7 +20,7 @@ def train(
     val: Optional[str] = typer.Option(None, help="Validation dataset (validated with EMA weights)."),
     store: Optional[str] = typer.Option(None, help="Feature store written by `kdcache extract` on --data."),
     strategy: Optional[str] = typer.Option(None, help="none, n2n, e2n, v2v, vanilla1, vanilla2, or weighted 'n2n:100,v2v:10'."),
-    lambda_: Optional[float] = typer.Option(None, "--lambda", help="Weight of a strategy named without one (default: the strategy's own: n2n/e2n/v2v 10, vanilla1 1, vanilla2 100)."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", help="Weight of a strategy named without one (default: the strategy's own: n2n/e2n/v2v 30, vanilla1 1, vanilla2 100)."),
     feature_loss: Optional[str] = typer.Option(None, help="mse (default), mae or huber."),
     student_map: Optional[str] = typer.Option(None, help="linear (default), identity or mlp (scalar targets)."),
     feature_norm: Optional[str] = typer.Option(

@@ -47,11 +47,11 @@ class StrategySpec:
 
 
 STRATEGIES: dict[str, StrategySpec] = {
-    "n2n": StrategySpec("n2n", "scalar", K.NODE, (K.NODE,), default_lambda=10.0),
-    "e2n": StrategySpec("e2n", "scalar", K.NODE, (K.E2N,), default_lambda=10.0),
+    "n2n": StrategySpec("n2n", "scalar", K.NODE, (K.NODE,), default_lambda=30.0),
+    "e2n": StrategySpec("e2n", "scalar", K.NODE, (K.E2N,), default_lambda=30.0),
     # PaiNN teachers store their own vector features; edge-feature teachers store e2v
     # (kdcache/features.py: Σ over edges into the atom of unit edge vector ⊗ edge feature).
-    "v2v": StrategySpec("v2v", "vector", K.VECTOR, (K.VECTOR, K.E2V), default_lambda=10.0),
+    "v2v": StrategySpec("v2v", "vector", K.VECTOR, (K.VECTOR, K.E2V), default_lambda=30.0),
     "vanilla1": StrategySpec("vanilla1", "labels", None, (K.ENERGY, K.FORCES), needs_all=True, default_lambda=1.0),
     # per-atom energies in normalised units are small (~std/natoms): a weight of order 100
     "vanilla2": StrategySpec("vanilla2", "atom_energy", None, (K.ATOM_ENERGY,), default_lambda=100.0),

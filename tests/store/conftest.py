@@ -117,3 +117,21 @@ def painn_ref_store(tmp_path_factory, mol_lmdb, painn_ckpt) -> Path:
     out = tmp_path_factory.mktemp("ref") / "painn.zarr"
     extract(mol_lmdb, out, checkpoint=str(painn_ckpt), progress=False, **PAINN_ARGS)
     return out
+
+
+def crash_on_group_write(monkeypatch, call: int = 3):
+    """Make the ``call``-th group write of StoreWriter raise ``RuntimeError("simulated crash")``
+    (a crash between groups); returns a function that restores the real writer."""
+    from kdcache.store.writer import StoreWriter
+
+    real = StoreWriter.write_group
+    calls = {"n": 0}
+
+    def flaky(self, g, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RuntimeError("simulated crash")
+        return real(self, g, *a, **kw)
+
+    monkeypatch.setattr(StoreWriter, "write_group", flaky)
+    return lambda: monkeypatch.setattr(StoreWriter, "write_group", real)

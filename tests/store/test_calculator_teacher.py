@@ -16,7 +16,7 @@ from kdcache.store.extract import extract, open_data
 from kdcache.store.writer import StoreWriter
 from kdcache.teachers.calculator import CalculatorSpec
 
-from .conftest import LAYOUT, assert_stores_equal, write_molecules
+from .conftest import LAYOUT, crash_on_group_write, assert_stores_equal, write_molecules
 
 EMT = "ase:ase.calculators.emt:EMT"
 
@@ -105,19 +105,10 @@ def test_provenance_and_verify(emt_store, emt_data):
 
 def test_partial_run_resumes_with_other_workers(emt_store, emt_data, tmp_path, monkeypatch):
     out = tmp_path / "partial.zarr"
-    real = StoreWriter.write_group
-    calls = {"n": 0}
-
-    def flaky(self, g, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real(self, g, *a, **kw)
-
-    monkeypatch.setattr(StoreWriter, "write_group", flaky)
+    restore = crash_on_group_write(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         api_extract(emt_data, out)
-    monkeypatch.setattr(StoreWriter, "write_group", real)
+    restore()
     with pytest.raises(StoreError, match="incomplete"):
         FeatureStore.open(out)
     groups = StoreWriter.open(out).layout.num_groups

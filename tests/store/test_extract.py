@@ -17,7 +17,7 @@ from kdcache.store import FeatureStore
 from kdcache.store.extract import extract, open_data, set_teacher_dtype
 from kdcache.store.writer import StoreWriter
 
-from .conftest import LAYOUT, PAINN_ARGS, assert_stores_equal
+from .conftest import LAYOUT, crash_on_group_write, PAINN_ARGS, assert_stores_equal
 
 
 @pytest.fixture(scope="module")
@@ -129,22 +129,13 @@ def test_fingerprint_mismatch_refused(painn_ref_store, tmp_path):
 
 def test_crash_then_resume_equals_uninterrupted(painn_ref_store, mol_lmdb, painn_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "s.zarr"
-    real = StoreWriter.write_group
-    calls = {"n": 0}
-
-    def flaky(self, g, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real(self, g, *a, **kw)
-
-    monkeypatch.setattr(StoreWriter, "write_group", flaky)
+    restore = crash_on_group_write(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(mol_lmdb, out, checkpoint=str(painn_ckpt), progress=False, **PAINN_ARGS)
     with pytest.raises(StoreError, match="incomplete"):
         FeatureStore.open(out)
     assert StoreWriter.open(out).attrs["complete_ranges"]  # partial ranges recorded
-    monkeypatch.setattr(StoreWriter, "write_group", real)
+    restore()
     res = extract(mol_lmdb, out, checkpoint=str(painn_ckpt), progress=False, **PAINN_ARGS)
     assert res.resumed and res.groups_written == StoreWriter.open(out).layout.num_groups - 2
     assert_stores_equal(out, painn_ref_store)

@@ -191,7 +191,7 @@ def test_each_strategy_has_its_own_default_lambda():
 
     got = {t.name: t.weight for t in parse_strategy("n2n,e2n,v2v,vanilla1,vanilla2")}
     assert got == {name: spec.default_lambda for name, spec in STRATEGIES.items()}
-    assert got["v2v"] == 10.0 and got["vanilla2"] == 100.0 and got["vanilla1"] == 1.0
+    assert got["v2v"] == 30.0 and got["vanilla2"] == 100.0 and got["vanilla1"] == 1.0
     # --lambda still overrides for every strategy named without a weight; an explicit one wins
     assert [t.weight for t in parse_strategy("n2n,v2v:3", 0.5)] == [0.5, 3.0]
-    assert TrainConfig(strategy="v2v").terms == [Term("v2v", 10.0)]
+    assert TrainConfig(strategy="v2v").terms == [Term("v2v", 30.0)]
