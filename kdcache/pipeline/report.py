@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcache.pipeline.statistics import NOISE_SE, Summary, format_summary, paired_gaps, summarise
+from kdcache.pipeline.statistics import NOISE_SE, format_summary, paired_gaps, summarise
 
 #: metrics of ``kdcache eval`` in report order: (key, header, unit, digits); EFwT comes as a
 #: fraction and is shown in % (the CSV keeps the fraction, as ``kdcache eval --json`` gives it)

@@ -390,7 +390,7 @@ class Pipeline:
         rep = self._stage("report", self.out / "report",
                           {"evals": {k: v.input_hash for k, v in evals.items()}, "report": r.report,
                            "throughput": speed, "rows": [[row.name, row.kind, row.strategy] for row in rows]},
-                          lambda f: self._write_report(f, rows, evals, runs), resumable=False)
+                          lambda f: self._write_report(f, rows, evals, runs, chosen), resumable=False)
         R.add_gaps(rows)
         self.log("")
         self.log(R.gap_table_text(rows, title=f"{r.name}: share of the student-teacher gap closed (test split)"))
@@ -414,7 +414,7 @@ class Pipeline:
                                          strategy="" if spec is None else spec.label()))
         return R.add_gaps(rows)
 
-    def _write_report(self, folder: Path, rows: list, evals: dict, runs: dict) -> dict:
+    def _write_report(self, folder: Path, rows: list, evals: dict, runs: dict, chosen: dict) -> dict:
         from kdcache.pipeline import plots as P
         from kdcache.pipeline.cka import linear_cka
 
@@ -426,7 +426,7 @@ class Pipeline:
         if r.report["plots"]:
             curves = {}
             # the reported runs of the first seed (a sweep's other λ and other seeds would crowd it)
-            shown = {row.name: self.run_id(row.name if row.kind == "baseline" else _run_of(row, r), r.seeds[0])
+            shown = {row.name: self.run_id(row.name if row.kind == "baseline" else chosen[row.name].name, r.seeds[0])
                      for row in rows if row.kind != "teacher"}
             for name, run in shown.items():
                 res = runs[run]
@@ -507,14 +507,6 @@ class StudentJob:
     inputs: dict
     settings: dict
     device: str
-
-
-def _run_of(row: R.Row, recipe: Recipe) -> str:
-    """Run name of a reported distilled row: its chosen candidate (``<name>_lam<λ>`` for a sweep)."""
-    spec = next(s for s in recipe.strategies if s.name == row.name)
-    if not spec.sweep:
-        return spec.name
-    return next(c.name for c in spec.candidates() if c.label() == row.strategy)
 
 
 def _student_stage(job: StudentJob, threads: int) -> tuple[StageResult, list[str]]:
