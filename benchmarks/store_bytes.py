@@ -38,12 +38,13 @@ def teacher_features(teacher: str, samples: int) -> dict[str, np.ndarray]:
     from kdcache.data.demo import demo_systems
     from kdcache.data.lmdb_writer import write_lmdb
     from kdcache.models.presets import build_preset
-    from kdcache.store.extract import open_data, set_teacher_dtype
+    from kdcache.data import open_dataset
+    from kdcache.store.extract import set_teacher_dtype
 
     work = Path(tempfile.mkdtemp())
     try:
         write_lmdb(work / "d.lmdb", demo_systems(samples, seed=0))
-        ds = open_data(work / "d.lmdb")
+        ds = open_dataset(work / "d.lmdb")
         torch.manual_seed(0)
         model = set_teacher_dtype(build_preset(teacher).eval(), "float32")
         for p in model.parameters():

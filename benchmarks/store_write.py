@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -40,16 +39,12 @@ def run(groups: int, dtype: str, zarr_writes: bool, work: Path) -> dict:
     w = StoreWriter.create(path, lay, np.arange(len(natoms)), SHAPES, dtypes, request={})
     rows = {k: F.to_storage(torch.randn(F.DEFAULT_SHARD_ATOMS, *s), dtypes[k]) for k, s in SHAPES.items()}
     nbytes = sum(r.nbytes for r in rows.values())
-    if zarr_writes:
-        os.environ["KDCACHE_STORE_ZARR_WRITES"] = "1"
-    try:
-        t = time.perf_counter()
-        for g in range(lay.num_groups):
-            s = lay.group_samples(g)
-            w.write_group(g, rows, np.zeros(len(s)), np.zeros(len(s), np.uint64))
-        secs = time.perf_counter() - t
-    finally:
-        os.environ.pop("KDCACHE_STORE_ZARR_WRITES", None)
+    w.raw_shard_writes = not zarr_writes
+    t = time.perf_counter()
+    for g in range(lay.num_groups):
+        s = lay.group_samples(g)
+        w.write_group(g, rows, np.zeros(len(s)), np.zeros(len(s), np.uint64))
+    secs = time.perf_counter() - t
     shutil.rmtree(path)
     mbps = lay.num_groups * nbytes / secs / 1e6
     return {

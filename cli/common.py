@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import typer
 
@@ -27,7 +26,3 @@ def user_errors(fn):
             raise typer.Exit(code=1)
 
     return wrapper
-
-
-def echo_err(msg: str) -> None:
-    print(msg, file=sys.stderr)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import user_errors
+from .common import user_errors
 
 app = typer.Typer(
     help="Datasets: inspect (info), convert ASE-readable files to OC20 LMDB (convert), "

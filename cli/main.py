@@ -6,10 +6,10 @@ import typer
 
 from kdcache.runtime import set_cpu_threads
 
-from cli import data as data_cli
-from cli import pipeline as pipeline_cli
-from cli import store as store_cli
-from cli import train as train_cli
+from . import data as data_cli
+from . import pipeline as pipeline_cli
+from . import store as store_cli
+from . import train as train_cli
 
 app = typer.Typer(
     help=(

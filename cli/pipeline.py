@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import user_errors
+from .common import user_errors
 
 app = typer.Typer(help="Whole distillation pipelines from one recipe (see docs/recipes.md).", no_args_is_help=True)
 

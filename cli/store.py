@@ -8,58 +8,83 @@ from typing import Optional
 
 import typer
 
-from cli.common import user_errors
+from kdcache import keys as K
+from kdcache.settings import field_help
+from kdcache.store import format as F
+from kdcache.store.request import ExtractRequest, option_name
+
+from .common import user_errors
 
 app = typer.Typer(help="Inspect and check feature stores.", no_args_is_help=True)
 
 
+def _features_help() -> str:
+    """``--features``' help: what may be stored, and which strategy reads each (from the strategy
+    table, :data:`kdcache.train.strategies.STRATEGIES`)."""
+    from kdcache.train.strategies import STRATEGIES
+
+    readers: dict[str, list[str]] = {}
+    for spec in STRATEGIES.values():
+        for key in spec.store_keys:
+            readers.setdefault(key, []).append(spec.name)
+
+    def described(choice: str) -> str:
+        keys = (K.ENERGY, K.FORCES) if choice == F.OUTPUTS else (choice,)
+        names = list(dict.fromkeys(n for k in keys for n in readers.get(k, ())))
+        return f"{choice} ({', '.join(names)})" if names else choice
+
+    return (f"{field_help(ExtractRequest.model_fields['features'])} Choose from "
+            f"{', '.join(described(c) for c in F.FEATURE_CHOICES)} (in brackets: the strategies that use it). "
+            f"{', '.join(F.HIDDEN_KEYS)} are the teacher's hidden features (stored in --dtype; a teacher offers "
+            "those its model has), the others labels (stored in --label-dtype).")
+
+
+def _option(setting: str, *decls: str, help: str | None = None):
+    """The ``kdcache extract`` option of an :class:`ExtractRequest` field: its default, and its
+    description and allowed values as help (the schema says them once)."""
+    info = ExtractRequest.model_fields[setting]
+    default = ... if info.is_required() else info.default
+    return typer.Option(default, *(decls or (option_name(setting),)), help=help or field_help(info), show_default=False)
+
+
 @user_errors
 def extract(
-    data: Path = typer.Option(..., "--data", help="Dataset: an .lmdb file, a folder of .lmdb files, or an ASE/xyz file."),
-    out: Path = typer.Option(..., "--out", help="The store to write (a folder, e.g. teacher.zarr)."),
-    teacher: Optional[str] = typer.Option(
-        None, "--teacher", help="Preset name (gemnet-oc, painn-big, schnet, *-tiny ...). Optional with a checkpoint, "
-        "whose own model configuration always wins. Without --checkpoint: randomly initialised (demo only). "
-        "Or any ASE calculator, ase:MODULE:FACTORY[:JSON-KWARGS], e.g. ase:ase.calculators.emt:EMT or "
-        "'ase:tblite.ase:TBLite:{\"method\": \"GFN2-xTB\"}': it stores energies, forces and, where the "
-        "calculator gives them, per-atom energies (this imports MODULE and runs its code)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Teacher checkpoint (Open Catalyst or kdcache)."),
-    features: Optional[str] = typer.Option(
-        None, "--features", help="Comma list of node,e2n,e2v,vector,atom_energy,outputs (default: all the teacher has). "
-        "PaiNN: node,vector; GemNet-OC: node,e2n,e2v; SchNet: node."),
-    dtype: str = typer.Option("float16", "--dtype", help="Hidden-feature dtype: float16, bfloat16 or float32."),
-    label_dtype: str = typer.Option("float32", "--label-dtype", help="Energies/forces dtype: float32 or float64."),
-    codec: str = typer.Option("none", "--codec", help="none (fastest reads), zstd or blosc-lz4."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per teacher forward (keep it when resuming)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N samples."),
-    shard_atoms: int = typer.Option(65536, "--shard-atoms", help="Atoms per shard file."),
-    chunk_atoms: int = typer.Option(128, "--chunk-atoms", help="Atoms per inner chunk (divides --shard-atoms)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
-    seed: int = typer.Option(0, "--seed", help="Initialisation seed of a teacher without checkpoint."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    teacher_dtype: str = typer.Option("float32", "--teacher-dtype", help="Precision the teacher runs in: float32 or float64."),
-    workers: int = typer.Option(1, "--workers", help="Processes an ASE calculator teacher runs in (default 1); "
-                                "a resume may change it."),
+    data: Path = _option("data"),
+    out: Path = _option("out"),
+    teacher: Optional[str] = _option("teacher"),
+    checkpoint: Optional[Path] = _option("checkpoint"),
+    features: Optional[str] = _option("features", help=_features_help()),
+    dtype: str = _option("dtype"),
+    label_dtype: str = _option("label_dtype"),
+    codec: str = _option("codec"),
+    batch_size: int = _option("batch_size"),
+    device: Optional[str] = _option("device"),
+    limit: Optional[int] = _option("limit"),
+    shard_atoms: int = _option("shard_atoms"),
+    chunk_atoms: int = _option("chunk_atoms"),
+    overwrite: bool = _option("overwrite"),
+    seed: int = _option("seed"),
+    progress: bool = _option("progress", "--progress/--no-progress"),
+    teacher_dtype: str = _option("teacher_dtype"),
+    workers: int = _option("workers"),
 ):
     """Stage one: run a teacher once over a dataset into a Zarr feature store.
 
     Re-running the same command resumes an interrupted extraction. Under
     `torchrun --nproc-per-node N --no-python kdcache extract ...` every rank writes its own shards.
     """
-    from kdcache.store.extract import extract as run
+    from kdcache.store.extract import run_extract
     from kdcache.teachers.calculator import CalculatorSpec, is_calculator_spec
 
     if is_calculator_spec(teacher):
         # parsed here, on the command line: the one place a calculator spec (which imports and
         # runs a module) is accepted from (kdcache.teachers.calculator)
         teacher = CalculatorSpec.parse(teacher)
-    res = run(
-        data=data, out=out, teacher=teacher, checkpoint=str(checkpoint) if checkpoint else None,
-        features=features.split(",") if features else None, dtype=dtype, label_dtype=label_dtype, codec=codec,
-        batch_size=batch_size, device=device, limit=limit, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms,
-        overwrite=overwrite, seed=seed, progress=progress, teacher_dtype=teacher_dtype, workers=workers,
-    )
+    res = run_extract(ExtractRequest.of(
+        data=data, out=out, teacher=teacher, checkpoint=checkpoint, features=features, dtype=dtype,
+        label_dtype=label_dtype, codec=codec, batch_size=batch_size, device=device, limit=limit,
+        shard_atoms=shard_atoms, chunk_atoms=chunk_atoms, overwrite=overwrite, seed=seed, progress=progress,
+        teacher_dtype=teacher_dtype, workers=workers))
     if res.rank == 0:
         typer.echo(
             f"{res.path}: {res.num_samples} samples; {res.groups_written} group(s) written by rank 0 in "
@@ -121,10 +146,10 @@ def verify(
 ):
     """Is the store complete and intact (every data file equal to what was written: size and
     checksum), and, with --data, made from this dataset with every stored sample matching it?"""
-    from kdcache.store.extract import open_data
+    from kdcache.data import open_dataset
     from kdcache.store.verify import verify_store
 
-    rep = verify_store(store, open_data(data) if data is not None else None, quick=quick, progress=progress)
+    rep = verify_store(store, open_dataset(data) if data is not None else None, quick=quick, progress=progress)
     typer.echo("\n".join(rep.lines()))
     if not rep.ok:
         raise typer.Exit(code=1)

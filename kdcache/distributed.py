@@ -78,12 +78,6 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

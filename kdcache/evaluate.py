@@ -59,10 +59,6 @@ class MetricSums:
             worst = worst.scatter_reduce_(0, batch_index[free], dff.abs().amax(dim=-1), reduce="amax", include_self=True)
         self.within += int(((de < EFWT_ENERGY) & (worst < EFWT_FORCE)).sum())
 
-    def merge(self, other: "MetricSums") -> None:
-        for k, v in vars(other).items():
-            setattr(self, k, getattr(self, k) + v)
-
     def all_reduce(self, device: torch.device) -> None:
         """Sum the counts of every process (distributed validation on shards)."""
         import torch.distributed as dist
@@ -166,9 +162,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
     """A model from a kdcache or Open Catalyst checkpoint (EMA weights where present)."""
     from kdcache.models.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint)
-    model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
-    return model.to(device)
+    return load_checkpoint(checkpoint).model.to(device)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: int = 16, device: str | None = None,
@@ -176,7 +170,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: in
     """Metrics of a checkpoint on a dataset (see the module docstring)."""
     from kdcache.data import open_dataset
     from kdcache.train.data import LabelledLoader
-    from kdcache.train.distributed import pick_device
+    from kdcache.distributed import pick_device
 
     dev = pick_device(device)
     model = load_model(checkpoint, dev)
@@ -205,7 +199,7 @@ def inference_throughput(checkpoints: dict[str, str | Path], data: str | Path, b
 
     from kdcache.data import open_dataset
     from kdcache.train.data import LabelledLoader
-    from kdcache.train.distributed import pick_device
+    from kdcache.distributed import pick_device
 
     dev = pick_device(device)
     dataset = open_dataset(data)

@@ -31,16 +31,17 @@ from kdcache import keys as K
 from kdcache.errors import DataError
 
 __all__ = [
-    "DISTANCE", "NEIGHBORS", "ID_SWAP", "SymmetricEdges",
-    "radius_graph_pbc", "edge_geometry", "nearest_neighbor_mask", "image_repetitions",
+    "DISTANCE", "NEIGHBORS", "ID_SWAP", "EDGE_SHIFT", "SymmetricEdges",
+    "radius_graph_pbc", "edge_geometry", "edge_shifts", "edge_vectors", "NeighborList", "nearest_neighbor_mask", "image_repetitions",
     "select_edges", "mask_edges", "symmetrize_edges", "symmetrize_graph", "counter_edges",
-    "edge_ids", "build_graph",
+    "edge_ids", "build_graph", "Structures", "batch_structures",
 ]
 
 #: Keys of a graph dict beyond ``kdcache.keys`` (used only between graph code and models).
 DISTANCE = "distance"    # [E] float: |pos[t] - pos[s] + o @ cell|
 NEIGHBORS = "neighbors"  # [S] long: edges per structure
 ID_SWAP = "id_swap"      # [E] long: index of the counter edge (t -> s, -o) of each edge
+EDGE_SHIFT = "edge_shift"  # [E, 3] float: o @ cell of each edge (edge_shifts), positions-independent
 
 #: Pairs closer than this (Å) are never edges: the reference drops squared distances <= 1e-4
 #: to remove an atom's zero-offset self pair (and, as a side effect, overlapping atoms).
@@ -149,6 +150,36 @@ def _check_inputs(pos, cell, pbc, natoms):
     return cell, pbc, natoms
 
 
+def _image_grid(cell: torch.Tensor, reps: torch.Tensor, dtype: torch.dtype):
+    """The batch-wide grid of neighbour shifts ``n`` and their Cartesian shifts per structure.
+
+    One place for the numbers every distance of the radius graph is formed from, so that a graph
+    refined from a neighbour list (:class:`NeighborList`) ranks edges by bit-identical distances.
+
+    Returns:
+        ``grid_reps [3]`` (the grid spans ``-r..r`` per direction, ``n1`` slowest),
+        ``grid [C, 3]`` shifts ``n`` (in ``dtype``), ``shift_table [S, C, 3]`` = ``n @ cell`` per
+        structure (one batched matmul, as the reference) and ``allowed [S, C]`` (the shift lies
+        within the structure's own repetitions).
+    """
+    device = cell.device
+    num_structures = cell.shape[0]
+    grid_reps = reps.max(dim=0).values if num_structures else reps.new_zeros(3)
+    axes = [torch.arange(-int(r), int(r) + 1, device=device, dtype=dtype) for r in grid_reps]
+    grid = torch.cartesian_prod(*axes).reshape(-1, 3)  # [C, 3], n1 slowest
+    shift_table = torch.bmm(
+        cell.transpose(1, 2), grid.T.unsqueeze(0).expand(num_structures, -1, -1)
+    ).transpose(1, 2)  # [S, C, 3]
+    allowed = (grid.abs()[None, :, :] <= reps[:, None, :].to(dtype)).all(dim=-1)  # [S, C]
+    return grid_reps, grid, shift_table, allowed
+
+
+def _squared_distance(pos_t: torch.Tensor, pos_s: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``|pos_t - (pos_s + shift)|²`` in the reference's operation order (broadcasting)."""
+    vec = pos_t - (pos_s + shift)
+    return vec[..., 0] * vec[..., 0] + vec[..., 1] * vec[..., 1] + vec[..., 2] * vec[..., 2]
+
+
 def _candidate_edges(pos, cell, natoms, reps, cutoff, chunk_size):
     """All (target, source, image) triples within ``cutoff`` in the reference's order.
 
@@ -165,14 +196,8 @@ def _candidate_edges(pos, cell, natoms, reps, cutoff, chunk_size):
     # reference does, and distances formed as ``pos[t] - (pos[s] + shift)`` in its operation
     # order: exactly tied distances (an atom's own images) must round the same way so that a
     # strict neighbour limit cuts the same ties.
-    grid_reps = reps.max(dim=0).values if num_structures else reps.new_zeros(3)
-    axes = [torch.arange(-int(r), int(r) + 1, device=device, dtype=pos.dtype) for r in grid_reps]
-    grid = torch.cartesian_prod(*axes).reshape(-1, 3)  # [C, 3], n1 slowest
+    _, grid, shift_table, allowed = _image_grid(cell, reps, pos.dtype)
     num_cells = grid.shape[0]
-    shift_table = torch.bmm(
-        cell.transpose(1, 2), grid.T.unsqueeze(0).expand(num_structures, -1, -1)
-    ).transpose(1, 2)  # [S, C, 3]
-    allowed = (grid.abs()[None, :, :] <= reps[:, None, :].to(pos.dtype)).all(dim=-1)  # [S, C]
     grid_offset = -grid.long()  # kdcache sign (see module docstring)
 
     pairs = natoms * natoms
@@ -190,9 +215,7 @@ def _candidate_edges(pos, cell, natoms, reps, cutoff, chunk_size):
         n_s = natoms[s]
         t = local // n_s + atom_start[s]
         j = local % n_s + atom_start[s]
-        image = pos[j][:, None, :] + shift_table[s]  # [P, C, 3]
-        vec = pos[t][:, None, :] - image
-        dsq = vec[..., 0] * vec[..., 0] + vec[..., 1] * vec[..., 1] + vec[..., 2] * vec[..., 2]
+        dsq = _squared_distance(pos[t][:, None, :], pos[j][:, None, :], shift_table[s])  # [P, C]
         keep = (dsq <= cutoff_sq) & (dsq > MIN_DISTANCE_SQ) & allowed[s]
         p_idx, c_idx = keep.nonzero(as_tuple=True)  # row-major: pair order, then image order
         targets.append(t[p_idx])
@@ -264,16 +287,8 @@ def nearest_neighbor_mask(
         return keep_all
     key = key.detach()
     first = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(num_edges, device=target.device) - first[target]  # position within target
     if enforce_max_neighbors_strictly and tie_break == "reference":
-        table = torch.full((num_atoms, width), math.inf, dtype=key.dtype, device=key.device)
-        table[target, slot] = key
-        sorted_key, sorted_slot = torch.sort(table, dim=1)  # unstable on purpose (see above)
-        chosen = sorted_slot[:, :max_neighbors] + first[:, None]
-        chosen = chosen[torch.isfinite(sorted_key[:, :max_neighbors])]
-        mask = torch.zeros_like(keep_all)
-        mask[chosen] = True
-        return mask
+        return _reference_strict_mask(target, key, first, num_atoms, width, max_neighbors)
     # Rank of each edge within its target by (key, input position): stable sort by key, then
     # stable sort by target.
     order = torch.argsort(key, stable=True)
@@ -290,6 +305,31 @@ def nearest_neighbor_mask(
         keep_sorted = key_sorted <= kth[target_sorted]
     mask = torch.zeros_like(keep_all)
     mask[order] = keep_sorted
+    return mask
+
+
+def _reference_strict_mask(target, key, first, num_atoms: int, width: int, max_neighbors: int) -> torch.Tensor:
+    """The strict cut with fairchem's tie-break (see ``nearest_neighbor_mask``).
+
+    Args:
+        target: ``[E]`` sorted target of each edge.
+        key: ``[E]`` ranking key (detached).
+        first: index of each target's first edge.
+        num_atoms: atoms in the batch.
+        width: the largest neighbour count of the batch.
+        max_neighbors: the limit.
+
+    Returns:
+        ``[E]`` bool mask.
+    """
+    slot = torch.arange(target.shape[0], device=target.device) - first[target]  # position within target
+    table = torch.full((num_atoms, width), math.inf, dtype=key.dtype, device=key.device)
+    table[target, slot] = key
+    sorted_key, sorted_slot = torch.sort(table, dim=1)  # unstable on purpose (see above)
+    chosen = sorted_slot[:, :max_neighbors] + first[:, None]
+    chosen = chosen[torch.isfinite(sorted_key[:, :max_neighbors])]
+    mask = torch.zeros(target.shape[0], dtype=torch.bool, device=target.device)
+    mask[chosen] = True
     return mask
 
 
@@ -339,15 +379,56 @@ def radius_graph_pbc(
     with torch.no_grad():
         reps = image_repetitions(pos, cell, pbc, natoms, cutoff)
         t, s, o, dsq = _candidate_edges(pos.detach(), cell.detach(), natoms, reps, cutoff, chunk_size)
-        mask = nearest_neighbor_mask(
-            t, dsq, pos.shape[0], max_neighbors, enforce_max_neighbors_strictly,
-            tie_break=tie_break,
-        )
-        if not bool(mask.all()):
-            t, s, o = t[mask], s[mask], o[mask]
-        batch = torch.repeat_interleave(torch.arange(natoms.shape[0], device=pos.device), natoms)
-        neighbors = torch.bincount(batch[t], minlength=natoms.shape[0])
+        return _limit_neighbors(t, s, o, dsq, natoms, pos.shape[0], max_neighbors, enforce_max_neighbors_strictly,
+                                tie_break)
+
+
+def _limit_neighbors(t, s, o, dsq, natoms, num_atoms: int, max_neighbors, strict: bool, tie_break: str):
+    """The neighbour limit on candidate edges (in the reference's order) and the edge counts:
+    the tail of :func:`radius_graph_pbc`, shared with :meth:`NeighborList.radius_graph`."""
+    mask = nearest_neighbor_mask(t, dsq, num_atoms, max_neighbors, strict, tie_break=tie_break)
+    if not bool(mask.all()):
+        t, s, o = t[mask], s[mask], o[mask]
+    batch = torch.repeat_interleave(torch.arange(natoms.shape[0], device=natoms.device), natoms)
+    neighbors = torch.bincount(batch[t], minlength=natoms.shape[0])
     return torch.stack((s, t)), o, neighbors
+
+
+def edge_shifts(
+    cell: torch.Tensor,
+    batch: torch.Tensor,
+    edge_index: torch.Tensor,
+    cell_offset: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Cartesian shift ``o @ cell`` of each edge's source image, ``[E, 3]``.
+
+    It depends on the cell only, not on the positions: a model's graph can carry it, built once
+    per structure, while the positions change (molecular dynamics, :class:`NeighborList`).
+
+    Args:
+        cell: ``[S, 3, 3]``.
+        batch: ``[N]`` structure of each atom.
+        edge_index: ``[2, E]`` (source, target).
+        cell_offset: ``[E, 3]`` integer offsets (kdcache sign).
+        dtype: floating dtype of the result (default: the cell's).
+    """
+    dtype = cell.dtype if dtype is None else dtype
+    return torch.einsum("ek,ekj->ej", cell_offset.to(dtype), cell.to(dtype)[batch[edge_index[1]]])
+
+
+def edge_vectors(pos: torch.Tensor, edge_index: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length and unit vector of ``pos[t] - pos[s] + shift`` per edge (differentiable in ``pos``).
+
+    Args:
+        pos: ``[N, 3]``.
+        edge_index: ``[2, E]`` (source, target).
+        shift: ``[E, 3]`` from :func:`edge_shifts`.
+    """
+    s, t = edge_index[0], edge_index[1]
+    vec = pos[t] - pos[s] + shift
+    distance = vec.norm(dim=-1)
+    return distance, vec / distance[:, None]
 
 
 def edge_geometry(
@@ -369,11 +450,142 @@ def edge_geometry(
     Returns:
         ``distance [E]`` and ``edge_vector [E, 3]`` = ``(pos[t] - pos[s] + o @ cell) / distance``.
     """
-    s, t = edge_index[0], edge_index[1]
-    shift = torch.einsum("ek,ekj->ej", cell_offset.to(pos.dtype), cell.to(pos.dtype)[batch[t]])
-    vec = pos[t] - pos[s] + shift
-    distance = vec.norm(dim=-1)
-    return distance, vec / distance[:, None]
+    return edge_vectors(pos, edge_index, edge_shifts(cell, batch, edge_index, cell_offset, pos.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# neighbour lists (molecular dynamics)
+# --------------------------------------------------------------------------------------------
+class NeighborList:
+    """A Verlet neighbour list: the radius graphs of one structure (or batch) whose atoms move.
+
+    Built as every pair within ``cutoff + skin`` (no neighbour limit) and reused while no atom
+    has moved more than ``skin / 2`` since the build: a pair within ``cutoff`` now was within
+    ``cutoff + skin`` then. Each :meth:`radius_graph` re-forms the squared distances of the listed
+    pairs from the current positions exactly as :func:`radius_graph_pbc` does (the same shift
+    table, the same operation order), keeps those within the cutoff and applies the same
+    neighbour limit: the result is the fresh graph, edge for edge and in the same order, with
+    exact ties cut the same way. The work saved is the pair search over all periodic images.
+
+    :meth:`cached` goes one step further for a model: its whole graph (symmetrisation, triplets,
+    per-edge shifts, ...) is reused while the radius graphs it was derived from are unchanged.
+
+    A list belongs to one set of atoms. Cell, pbc and atom counts are checked on every call (a
+    change rebuilds); atomic numbers and tags are the caller's to keep (the ASE calculator starts
+    a new list whenever anything but the positions changes).
+
+    Args:
+        skin: Å, >= 0 (0 rebuilds whenever an atom moved at all).
+
+    Attributes:
+        builds: pair searches done so far (the first, and every rebuild).
+    """
+
+    def __init__(self, skin: float) -> None:
+        if not skin >= 0:
+            raise ValueError(f"skin must be >= 0 Å, got {skin}")
+        self.skin = float(skin)
+        self.builds = 0
+        self._built: dict | None = None  # cutoff, pos, cell, pbc, natoms; candidate t, s, n = -o
+        self._step: tuple[torch.Tensor, dict] | None = None  # positions, {request: graph}
+        self._memo: dict[int, tuple] = {}  # id(owner) -> (generation, requests, value)
+        self._recording: list | None = None
+        self._generation = 0  # bumped by every build: cached graphs carry cell-dependent shifts
+
+    def _stale(self, pos: torch.Tensor, cell, pbc, natoms, cutoff: float) -> bool:
+        b = self._built
+        if b is None or cutoff > b["cutoff"] or b["pos"].shape != pos.shape or b["pos"].dtype != pos.dtype:
+            return True
+        if not (torch.equal(b["natoms"], natoms) and torch.equal(b["pbc"], pbc) and torch.equal(b["cell"], cell)):
+            return True
+        moved_sq = (pos - b["pos"]).square().sum(dim=-1)
+        return bool(moved_sq.max() > (self.skin / 2) ** 2) if moved_sq.numel() else False
+
+    def _build(self, pos: torch.Tensor, cell, pbc, natoms, cutoff: float) -> None:
+        edge_index, offset, _ = radius_graph_pbc(pos, cell, pbc, natoms, cutoff + self.skin, None)
+        batch = torch.repeat_interleave(torch.arange(natoms.shape[0], device=pos.device), natoms)
+        self._built = dict(cutoff=float(cutoff), pos=pos.clone(), cell=cell.clone(), pbc=pbc.clone(),
+                           natoms=natoms.clone(), t=edge_index[1], s=edge_index[0], n=-offset,
+                           structure=batch[edge_index[1]])
+        self.builds += 1
+        self._generation += 1
+
+    def radius_graph(
+        self,
+        pos: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        natoms: torch.Tensor,
+        cutoff: float,
+        max_neighbors: int | None,
+        enforce_max_neighbors_strictly: bool = False,
+        tie_break: str = "reference",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`radius_graph_pbc` of the current positions, from the list (same arguments and
+        results; the graph is not differentiable)."""
+        cell, pbc, natoms = _check_inputs(pos, cell, pbc, natoms)
+        request = (float(cutoff), max_neighbors, bool(enforce_max_neighbors_strictly), tie_break)
+        with torch.no_grad():
+            pos = pos.detach()
+            if self._step is None or self._step[0].shape != pos.shape or not torch.equal(self._step[0], pos):
+                self._step = (pos.clone(), {})
+            results = self._step[1]
+            if request not in results:
+                if self._stale(pos, cell, pbc, natoms, request[0]):
+                    self._build(pos, cell, pbc, natoms, request[0])
+                results[request] = self._refine(pos, cell, pbc, natoms, *request)
+            graph = results[request]
+        if self._recording is not None:
+            self._recording.append((request, graph))
+        return graph
+
+    def _refine(self, pos, cell, pbc, natoms, cutoff: float, max_neighbors, strict: bool, tie_break: str):
+        b = self._built
+        t, s, n, structure = b["t"], b["s"], b["n"], b["structure"]
+        reps = image_repetitions(pos, cell, pbc, natoms, cutoff)
+        grid_reps, _, shift_table, allowed = _image_grid(cell.detach(), reps, pos.dtype)
+        # each listed pair's shift, read from the very table a fresh build would use (its cell
+        # in the grid of the current repetitions; pairs outside it cannot be within the cutoff)
+        in_grid = (n.abs() <= grid_reps).all(dim=-1)
+        width = 2 * grid_reps + 1
+        shifted = torch.where(in_grid[:, None], n + grid_reps, torch.zeros_like(n))
+        cell_index = (shifted[:, 0] * width[1] + shifted[:, 1]) * width[2] + shifted[:, 2]
+        dsq = _squared_distance(pos[t], pos[s], shift_table[structure, cell_index])
+        keep = (dsq <= cutoff * cutoff) & (dsq > MIN_DISTANCE_SQ) & in_grid & allowed[structure, cell_index]
+        return _limit_neighbors(t[keep], s[keep], -n[keep], dsq[keep], natoms, pos.shape[0], max_neighbors, strict,
+                                tie_break)
+
+    def cached(self, owner: object, pos: torch.Tensor, structures: "Structures", build):
+        """``build()`` — a model's graph, derived from :meth:`radius_graph` calls — reused while
+        every radius graph it asked for is unchanged (and the list was not rebuilt meanwhile).
+
+        Args:
+            owner: whose graph it is (one cached graph per owner, e.g. the model).
+            pos: current positions.
+            structures: current cell, pbc, natoms (:class:`Structures`).
+            build: computes the graph, calling :meth:`radius_graph` with these ``pos``/``structures``.
+        """
+        cell, pbc, natoms, _ = structures
+        entry = self._memo.get(id(owner))
+        if entry is not None:
+            generation, requests, value = entry
+            same = all(
+                _same_edges(self.radius_graph(pos, cell, pbc, natoms, *request), graph) for request, graph in requests
+            )
+            if same and generation == self._generation:
+                return value
+        self._recording = []
+        try:
+            value = build()
+            requests = self._recording
+        finally:
+            self._recording = None
+        self._memo[id(owner)] = (self._generation, requests, value)
+        return value
+
+
+def _same_edges(a: tuple, b: tuple) -> bool:
+    return a[0].shape == b[0].shape and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,13 +800,56 @@ def symmetrize_graph(
 # --------------------------------------------------------------------------------------------
 # convenience for a PyG batch
 # --------------------------------------------------------------------------------------------
-def _batch_vector(data) -> torch.Tensor:
-    batch = getattr(data, K.BATCH, None)
+class Structures(NamedTuple):
+    """The per-structure tensors a graph needs, on the device (cell: in the dtype) of ``pos``.
+
+    Attributes:
+        cell: ``[S, 3, 3]`` lattice vectors as rows (zeros for a molecule).
+        pbc: ``[S, 3]`` bool, periodic directions.
+        natoms: ``[S]`` long, atoms per structure.
+        batch: ``[N]`` long, structure of each atom.
+    """
+
+    cell: torch.Tensor
+    pbc: torch.Tensor
+    natoms: torch.Tensor
+    batch: torch.Tensor
+
+
+def _field(data, key: str):
+    """``data[key]``, or None when the batch lacks the field (or holds None)."""
+    return data[key] if key in data and data[key] is not None else None
+
+
+def batch_structures(data, pos: torch.Tensor, use_pbc: bool = True) -> Structures:
+    """Cell, periodicity, atom counts and structure index of a PyG ``Data``/``Batch``.
+
+    The one place that decides what a batch without some field means, for :func:`build_graph`
+    and for every model (:class:`kdcache.models.base.PotentialModel`).
+
+    Args:
+        data: one structure or a batch (keys ``natoms`` and optionally ``cell``, ``pbc``, ``batch``).
+        pos: ``[N, 3]`` positions the graph will be built from (sets device and dtype).
+        use_pbc: False treats every structure as a molecule whatever its ``pbc`` says.
+
+    Returns:
+        :class:`Structures`. Without ``cell``: zeros. Without ``pbc``: periodic along every
+        direction with a non-zero lattice vector. Without ``batch``: atoms in ``natoms`` order.
+    """
+    natoms = torch.as_tensor(data[K.NATOMS], device=pos.device).view(-1)
+    num_structures = natoms.shape[0]
+    cell = _field(data, K.CELL)
+    cell = pos.new_zeros(num_structures, 3, 3) if cell is None else cell.reshape(num_structures, 3, 3).to(pos)
+    pbc = _field(data, K.PBC)
+    if pbc is None:
+        pbc = cell.detach().abs().sum(dim=-1) > 0  # zeros mean a molecule
+    pbc = torch.as_tensor(pbc, device=pos.device).bool().reshape(num_structures, 3)
+    if not use_pbc:
+        pbc = torch.zeros_like(pbc)
+    batch = _field(data, K.BATCH)
     if batch is None:
-        natoms = getattr(data, K.NATOMS)
-        natoms = torch.as_tensor(natoms, device=data.pos.device).view(-1)
-        batch = torch.repeat_interleave(torch.arange(natoms.shape[0], device=natoms.device), natoms)
-    return batch
+        batch = torch.repeat_interleave(torch.arange(num_structures, device=pos.device), natoms)
+    return Structures(cell, pbc, natoms, batch.to(pos.device))
 
 
 def build_graph(
@@ -622,18 +877,8 @@ def build_graph(
         w.r.t. ``data.pos``), ``NEIGHBORS`` [S] and, if symmetric, ``ID_SWAP``.
     """
     pos = data[K.POSITIONS]
-    natoms = torch.as_tensor(data[K.NATOMS], device=pos.device).view(-1)
+    cell, pbc, natoms, batch = batch_structures(data, pos)
     num_structures = natoms.shape[0]
-    cell = getattr(data, K.CELL, None)
-    if cell is None:
-        cell = pos.new_zeros(num_structures, 3, 3)
-    cell = cell.reshape(num_structures, 3, 3).to(pos.dtype)
-    pbc = getattr(data, K.PBC, None)
-    if pbc is None:
-        # No pbc field: periodic where a lattice vector is given (zeros mean a molecule).
-        pbc = cell.detach().abs().sum(dim=-1) > 0
-    pbc = torch.as_tensor(pbc, device=pos.device).bool().reshape(num_structures, 3)
-    batch = _batch_vector(data).to(pos.device)
     try:
         edge_index, cell_offset, neighbors = radius_graph_pbc(
             pos, cell, pbc, natoms, cutoff, max_neighbors, enforce_max_neighbors_strictly,

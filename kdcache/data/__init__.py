@@ -1,8 +1,9 @@
 """Datasets as users have them: OC20 LMDBs, COLL extended XYZ, anything ASE reads.
 
 ``open_dataset(path)`` picks the reader; every dataset gives :class:`~kdcache.data.sample.Sample`
-items with :mod:`kdcache.keys` fields (``sample_index`` = global index), ``fingerprint()`` and
-``paths``. :func:`collate` batches samples for either stage (checked; labels only where
+items with :mod:`kdcache.keys` fields (``sample_index`` = global index), ``fingerprint()``,
+``atom_counts()`` (the sizes a store's layout needs, without decoding every sample where the
+files allow) and ``paths``. :func:`collate` batches samples for either stage (checked; labels only where
 required).
 """
 

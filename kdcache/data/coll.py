@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from kdcache.data.sample import make_sample
+from kdcache.data.sample import checked_atom_counts, make_sample
 from kdcache.errors import DataError
 
 XYZ_SUFFIXES = (".xyz", ".extxyz")
@@ -129,6 +129,8 @@ class AseDataset(Dataset):
         self._attrs = [atoms_to_attrs(a, energy_key, self.path, i) for i, a in enumerate(frames)]
         if not self._attrs:
             raise DataError(self.path, None, None, "holds no structures")
+        # counted once: planning a store needs every size, and decoding a sample costs more
+        self._natoms = np.array([len(a["pos"]) for a in self._attrs], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._attrs)
@@ -145,6 +147,17 @@ class AseDataset(Dataset):
 
     def raw(self, index: int) -> dict:
         return self._attrs[index]
+
+    def atom_counts(self, n: int | None = None, progress: bool = False) -> np.ndarray:
+        """Atoms of the first ``n`` samples (all by default), as int64, without decoding them.
+
+        Args:
+            n: how many samples.
+            progress: show a bar while samples are decoded (only an empty structure is, to
+                name it).
+        """
+        n = len(self) if n is None else max(0, min(int(n), len(self)))
+        return checked_atom_counts(self, self._natoms[:n], progress)
 
     def file_of(self, index: int) -> Path:
         """The file every sample comes from (errors name it)."""

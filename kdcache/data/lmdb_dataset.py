@@ -10,8 +10,9 @@ import lmdb
 import numpy as np
 from torch.utils.data import Dataset
 
+from kdcache.data.lmdb_writer import NATOMS_KEY
 from kdcache.data.safe_pickle import attributes_of, safe_loads
-from kdcache.data.sample import make_sample
+from kdcache.data.sample import checked_atom_counts, make_sample
 from kdcache.errors import DataError
 
 LENGTH_KEY = b"length"
@@ -174,6 +175,38 @@ class LmdbDataset(Dataset):
         index = self._check_index(index)
         with np.errstate(over="ignore"):  # float32 overflow: refused, naming the sample, when batched
             return make_sample(self.raw(index), self.file_of(index), index)
+
+    def atom_counts(self, n: int | None = None, progress: bool = False) -> np.ndarray:
+        """Atoms of the first ``n`` samples (all by default), as int64: read from each file's
+        atom counts where :func:`~kdcache.data.lmdb_writer.write_lmdb` recorded them, found by
+        decoding the samples of a file without (Open Catalyst's own LMDBs).
+
+        Args:
+            n: how many samples.
+            progress: show a bar while samples are decoded.
+
+        Raises:
+            DataError: a file whose recorded counts do not cover its samples.
+        """
+        n = len(self) if n is None else max(0, min(int(n), len(self)))
+        counts = np.full(n, -1, dtype=np.int64)  # -1: decode
+        for f, file in enumerate(self.paths):
+            lo, hi = self._offsets[f], min(self._offsets[f + 1], n)
+            if lo >= hi:
+                break
+            try:
+                with self._env(f).begin() as txn:
+                    raw = txn.get(NATOMS_KEY)
+            except lmdb.Error as exc:
+                raise DataError(file, None, None, f"corrupt LMDB ({exc})") from None
+            if raw is None:
+                continue
+            recorded = np.frombuffer(raw, dtype="<i8")
+            if len(recorded) != self._lengths[f]:
+                raise DataError(file, None, NATOMS_KEY.decode(), f"records {len(recorded)} atom counts for "
+                                f"{self._lengths[f]} samples")
+            counts[lo:hi] = recorded[: hi - lo]
+        return checked_atom_counts(self, counts, progress)
 
     def fingerprint(self) -> dict:
         """Cheap identity: kind, file names and sizes, sample count (no pass over samples)."""

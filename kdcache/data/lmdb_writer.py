@@ -35,6 +35,9 @@ from kdcache import keys as K
 #: where :func:`write_lmdb` keeps a file's ``metadata`` (beside ``length``, which OC20 readers
 #: use for the sample count, so an extra key is not taken for a sample)
 METADATA_KEY = b"kdcache_metadata"
+#: where :func:`write_lmdb` keeps every record's atom count (little-endian int64, in key order),
+#: so that a reader learns the sizes without unpickling each record (OC20's own files lack it)
+NATOMS_KEY = b"kdcache_natoms"
 #: PyG 1.x Data.__dict__ had these slots, ``None`` unless set.
 _PYG1_SLOTS = ("x", "edge_index", "edge_attr", "y", "pos", "normal", "face")
 
@@ -156,6 +159,12 @@ def atoms_to_record(atoms, energy: float | None = None, forces=None, sid=None, f
     return rec
 
 
+def _record_atoms(record: dict[str, Any]) -> int | None:
+    """Atoms of a record: rows of its positions, or None when they are not ``[N, 3]``."""
+    shape = tuple(np.shape(record.get("pos")))
+    return int(shape[0]) if len(shape) == 2 and shape[1] == 3 else None
+
+
 def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
                write_length: bool = True, progress=None, commit_every: int = 1000,
                metadata: dict[str, Any] | None = None) -> int:
@@ -166,7 +175,8 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
         records: dicts with OC20 field names (see :func:`sample_to_record`). Written as given,
             without validation (tests write bad records on purpose).
         pyg1: write PyG 1.x-era pickles instead of PyG >= 2 ones.
-        write_length: store the pickled ``length`` key (OC20 files have it).
+        write_length: store the pickled ``length`` key (OC20 files have it) and the atom
+            counts (:data:`NATOMS_KEY`, where every record has positions ``[N, 3]``).
         progress: optional callable ``progress(n)`` called after each record.
         commit_every: records per write transaction.
         metadata: plain data (dicts, lists, strings, numbers) kept under :data:`METADATA_KEY`;
@@ -188,9 +198,10 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
         # meminit: zero unused page space, so equal records give byte-identical files.
         env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=True)
         pending: list[tuple[bytes, bytes]] = []
+        natoms: list[int | None] = []
 
         def flush():
-            nonlocal env, map_size
+            nonlocal map_size
             while True:
                 try:
                     with env.begin(write=True) as txn:
@@ -204,6 +215,7 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
 
         for rec in records:
             pending.append((str(count).encode("ascii"), dumps_record(rec, pyg1=pyg1)))
+            natoms.append(_record_atoms(rec))
             count += 1
             if progress is not None:
                 progress(1)
@@ -211,6 +223,8 @@ def write_lmdb(path, records: Iterable[dict[str, Any]], *, pyg1: bool = False,
                 flush()
         if write_length:
             pending.append((b"length", pickle.dumps(count, protocol=pickle.HIGHEST_PROTOCOL)))
+            if None not in natoms:  # raw bytes, not a pickle: read without unpickling anything
+                pending.append((NATOMS_KEY, np.asarray(natoms, dtype="<i8").tobytes()))
         if metadata is not None:
             pending.append((METADATA_KEY, pickle.dumps(dict(metadata), protocol=pickle.HIGHEST_PROTOCOL)))
         flush()

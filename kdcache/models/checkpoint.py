@@ -15,15 +15,9 @@ Files are read with ``torch.load(..., weights_only=True)``: a checkpoint is data
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
-import pickle
-import re
 import tempfile
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,8 +26,12 @@ import torch
 from torch import nn
 
 from kdcache.errors import CheckpointError
-from kdcache.models import MODEL_CLASSES, build_model
 from kdcache.models.base import Normalizer, PotentialModel
+from kdcache.models.registry import MODEL_CLASSES, build_model, is_model_name
+# one home each, below every model (a model's constructor applies a scale file without importing
+# this loader); re-exported here, where callers have always found them
+from kdcache.models.scaling import apply_scale_file, holds_scale_factor, scale_factor_modules
+from kdcache.models.torchfile import file_sha256, read_checkpoint
 
 KDCACHE_FORMAT = "kdcache"
 OCP_FORMAT = "ocp"
@@ -66,144 +64,9 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
 
 
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# scale factors
-# ---------------------------------------------------------------------------------------------
-
-
-def scale_factor_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Scale-factor submodules by the name a scale file uses for them.
-
-    A scale factor is any submodule holding a 0-dim ``scale_factor`` tensor; its key is its
-    ``name`` attribute when set (GemNet-OC), else its module path (PaiNN).
-    """
-    found: dict[str, nn.Module] = {}
-    for path, module in model.named_modules():
-        sf = getattr(module, "scale_factor", None)
-        if isinstance(sf, torch.Tensor) and sf.dim() == 0:
-            found[getattr(module, "name", None) or path] = module
-    return found
-
-
-def _read_scale_file(scale_file) -> dict[str, float]:
-    if isinstance(scale_file, Mapping):
-        raw = dict(scale_file)
-    else:
-        path = Path(scale_file)
-        if not path.is_file():
-            raise CheckpointError(f"scale file {path}: no such file")
-        try:
-            if path.suffix == ".json":
-                raw = json.loads(path.read_text())
-            elif path.suffix == ".pt":
-                raw = read_checkpoint(path, what="scale file")
-            else:
-                raise CheckpointError(f"scale file {path}: unsupported extension {path.suffix!r} (.json or .pt)")
-        except CheckpointError:
-            raise
-        except Exception as exc:  # unreadable JSON
-            raise CheckpointError(f"scale file {path}: cannot be read ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"scale file {path}: expected a mapping of names to numbers")
-    raw.pop("comment", None)  # old JSON scale files carry the model name there
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[str(k)] = float(v)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"scale file {scale_file}: entry {k!r} is not a number") from exc
-    return out
-
-
-def apply_scale_file(model: nn.Module, scale_file) -> list[str]:
-    """Set a model's scale factors from a JSON/.pt file or a dict ``{name: value}``.
-
-    Every scale factor of the model must be present. Entries the model does not have are
-    ignored (older files name factors of removed layers). Returns the names set.
-    """
-    values = _read_scale_file(scale_file)
-    modules = scale_factor_modules(model)
-    missing = sorted(set(modules) - set(values))
-    if missing:
-        raise CheckpointError(f"scale file {scale_file}: no value for scale factor(s) {missing}")
-    with torch.no_grad():
-        for name, module in modules.items():
-            module.scale_factor.fill_(values[name])
-    return sorted(modules)
-
-
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-
-
-def read_checkpoint(path: str | os.PathLike, mmap: bool = False, what: str = "checkpoint") -> dict:
-    """The contents of a torch file, read as data only: the one way kdcache opens a ``.pt`` a
-    user names (checkpoints, scale files, runs to resume).
-
-    ``weights_only=True`` makes torch refuse any pickled global outside tensors and plain
-    containers, so a file that would run code when unpickled is an error instead.
-
-    Args:
-        path: the file.
-        mmap: map the tensors' storage instead of reading it (cheap when only metadata such as
-            the model name is wanted); ignored for old non-zip files, which cannot be mapped.
-        what: what the file is, for messages.
-
-    Returns:
-        The top-level dict.
-
-    Raises:
-        CheckpointError: missing file, unreadable or code-carrying file, or not a dict at the top.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            # torch warns on stderr about any pickle protocol above 2 before refusing or reading
-            # the file; the outcome (data or a named error) is all a user needs
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
-    except Exception as exc:
-        raise CheckpointError(f"{what} {path}: cannot be read as a weights-only torch file ({_load_problem(exc)})") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{what} {path}: expected a dict at the top level, found {type(ckpt).__name__}")
-    return ckpt
-
-
-def _load_problem(exc: Exception) -> str:
-    """One line from torch's load error: the reason, without torch's advice.
-
-    torch wraps the weights-only unpickler's own one-line reason (which it keeps as the
-    exception's context) in paragraphs that advise ``weights_only=False`` or allowlisting
-    globals, i.e. running the file's code, which kdcache never does: only the reason's first
-    sentence is kept.
-
-    Args:
-        exc: what ``torch.load`` raised.
-
-    Returns:
-        The reason, e.g. ``"... refused it: Trying to load unsupported GLOBAL posix.system whose
-        module posix is blocked; a checkpoint is data, never code"``.
-    """
-    refused = isinstance(exc, pickle.UnpicklingError) and isinstance(exc.__context__, pickle.UnpicklingError)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc.__context__ if refused else exc))
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    # the first sentence names the global or opcode; what follows is advice
-    reason = re.split(r"(?<=\.)\s", first, maxsplit=1)[0].rstrip(".")
-    if refused:
-        return f"the weights-only unpickler refused it: {reason}; a checkpoint is data, never code"
-    return f"{type(exc).__name__}: {reason}"
 
 
 def _strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -216,7 +79,7 @@ def _strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, torch.Tenso
 
 
 def _build(path: Path, name: Any, config: Any) -> PotentialModel:
-    if not isinstance(name, str) or name.lower().replace("-", "_") not in MODEL_CLASSES:
+    if not is_model_name(name):
         raise CheckpointError(f"checkpoint {path}: unknown model {name!r}; known: {sorted(MODEL_CLASSES)}")
     if not isinstance(config, Mapping):
         raise CheckpointError(f"checkpoint {path}: model configuration is missing or not a mapping")
@@ -232,7 +95,8 @@ def _load_weights(path: Path, model: nn.Module, state_dict: Mapping[str, Any], a
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"checkpoint {path}: 'state_dict' is missing or not a mapping")
     expected = model.state_dict()
-    scale_keys = {f"{p}.scale_factor" if p else "scale_factor" for p in _module_paths_with_scale(model)}
+    scale_keys = {f"{p}.scale_factor" if p else "scale_factor"
+                  for p, m in model.named_modules() if holds_scale_factor(m)}
     # The normaliser is restored from the checkpoint's own entry, never from state_dict keys
     # (Open Catalyst checkpoints keep it apart from the model).
     missing = [k for k in expected if k not in state_dict and not k.startswith("normalizer.")]
@@ -268,14 +132,6 @@ def _load_weights(path: Path, model: nn.Module, state_dict: Mapping[str, Any], a
         model.to(dtype=stored)
     model.load_state_dict({k: v for k, v in state_dict.items()}, strict=False)
     return missing_scales
-
-
-def _module_paths_with_scale(model: nn.Module) -> list[str]:
-    return [
-        p
-        for p, m in model.named_modules()
-        if isinstance(getattr(m, "scale_factor", None), torch.Tensor) and getattr(m, "scale_factor").dim() == 0
-    ]
 
 
 def _apply_ema(path: Path, model: nn.Module, ema: Any) -> bool:
@@ -349,71 +205,83 @@ def load_checkpoint(
     digest = file_sha256(path)
     used_ema = False
     extra: dict = {}
-
     if ckpt.get("format") == KDCACHE_FORMAT:
-        name, config = ckpt.get("model"), ckpt.get("config")
-        model = _build(path, name, config)
-        missing_scales = _load_weights(path, model, ckpt.get("state_dict"), allow_missing_scales=False)
-        norm = dict(ckpt.get("normalizer") or {})
-        # per-element references ride in the state_dict; files written before they existed
-        # lack the key and load with zeros (= the normalisation they were trained with)
-        atom_ref = norm.pop("atom_ref", None)
-        if atom_ref is None:
-            atom_ref = (ckpt.get("state_dict") or {}).get("normalizer.atom_ref")
-        try:
-            model.normalizer = Normalizer(**{k: float(v) for k, v in norm.items()}, atom_ref=atom_ref)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {path}: bad 'normalizer' entry {norm!r}") from exc
-        extra = dict(ckpt.get("extra") or {})
+        model, extra = _from_kdcache(path, ckpt)
+        if scale_file is not None:
+            apply_scale_file(model, scale_file)
         source = KDCACHE_FORMAT
     elif "state_dict" in ckpt and "config" in ckpt:
-        cfg = ckpt["config"]
-        if not isinstance(cfg, Mapping):
-            raise CheckpointError(f"checkpoint {path}: 'config' is not a mapping")
-        name = cfg.get("model")
-        if isinstance(name, Mapping):  # newer layout: model: {name: ..., **attrs}
-            attrs = {k: v for k, v in name.items() if k != "name"}
-            name = name.get("name")
-        else:
-            attrs = cfg.get("model_attributes")
-        model = _build(path, name, attrs)
-        state = _strip_module_prefix(ckpt["state_dict"])
-        missing_scales = _load_weights(path, model, state, allow_missing_scales=True)
-        used_ema = _apply_ema(path, model, ckpt.get("ema"))
-        scale_dict = ckpt.get("scale_dict")
-        if missing_scales:
-            source_of_scales = scale_dict or scale_file
-            if not source_of_scales:
-                raise CheckpointError(
-                    f"checkpoint {path}: scale factors {missing_scales} are not in the checkpoint; pass scale_file="
-                )
-            apply_scale_file(model, source_of_scales)
-        elif scale_dict:
-            apply_scale_file(model, scale_dict)  # the reference lets a checkpoint's scale_dict win
-        model.normalizer = _ocp_normalizer(path, ckpt.get("normalizers"), cfg.get("dataset"))
+        model, used_ema = _from_ocp(path, ckpt, scale_file)
         source = OCP_FORMAT
     else:
         raise CheckpointError(
             f"checkpoint {path}: neither a kdcache checkpoint (format='kdcache') nor an Open Catalyst one "
             f"(state_dict + config); top-level keys: {sorted(map(str, ckpt))}"
         )
-
-    if scale_file is not None and source == KDCACHE_FORMAT:
-        apply_scale_file(model, scale_file)
     if dtype is not None:
         model = model.to(dtype=dtype)
     model = model.to(device or "cpu")
     model.eval()
-    return LoadedModel(
-        model=model,
-        name=model.name,
-        config=dict(model.config),
-        sha256=digest,
-        source_format=source,
-        path=str(path),
-        used_ema=used_ema,
-        extra=extra,
-    )
+    return LoadedModel(model=model, name=model.name, config=dict(model.config), sha256=digest,
+                       source_format=source, path=str(path), used_ema=used_ema, extra=extra)
+
+
+def _from_kdcache(path: Path, ckpt: dict) -> tuple[PotentialModel, dict]:
+    """A kdcache checkpoint's model (weights, normaliser) and its ``extra``.
+
+    Args:
+        path: the file (for messages).
+        ckpt: its contents.
+    """
+    model = _build(path, ckpt.get("model"), ckpt.get("config"))
+    _load_weights(path, model, ckpt.get("state_dict"), allow_missing_scales=False)
+    norm = dict(ckpt.get("normalizer") or {})
+    # per-element references ride in the state_dict; files written before they existed
+    # lack the key and load with zeros (= the normalisation they were trained with)
+    atom_ref = norm.pop("atom_ref", None)
+    if atom_ref is None:
+        atom_ref = (ckpt.get("state_dict") or {}).get("normalizer.atom_ref")
+    try:
+        model.normalizer = Normalizer(**{k: float(v) for k, v in norm.items()}, atom_ref=atom_ref)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: bad 'normalizer' entry {norm!r}") from exc
+    return model, dict(ckpt.get("extra") or {})
+
+
+def _from_ocp(path: Path, ckpt: dict, scale_file) -> tuple[PotentialModel, bool]:
+    """An Open Catalyst checkpoint's model (weights, EMA, scale factors, normaliser).
+
+    Args:
+        path: the file (for messages).
+        ckpt: its contents.
+        scale_file: scale factors for a checkpoint that carries none.
+
+    Returns:
+        The model and whether EMA shadow weights replaced the trained ones.
+    """
+    cfg = ckpt["config"]
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"checkpoint {path}: 'config' is not a mapping")
+    name = cfg.get("model")
+    if isinstance(name, Mapping):  # newer layout: model: {name: ..., **attrs}
+        attrs = {k: v for k, v in name.items() if k != "name"}
+        name = name.get("name")
+    else:
+        attrs = cfg.get("model_attributes")
+    model = _build(path, name, attrs)
+    missing_scales = _load_weights(path, model, _strip_module_prefix(ckpt["state_dict"]), allow_missing_scales=True)
+    used_ema = _apply_ema(path, model, ckpt.get("ema"))
+    scale_dict = ckpt.get("scale_dict")
+    if missing_scales:
+        if not (scale_dict or scale_file):
+            raise CheckpointError(
+                f"checkpoint {path}: scale factors {missing_scales} are not in the checkpoint; pass scale_file="
+            )
+        apply_scale_file(model, scale_dict or scale_file)
+    elif scale_dict:
+        apply_scale_file(model, scale_dict)  # the reference lets a checkpoint's scale_dict win
+    model.normalizer = _ocp_normalizer(path, ckpt.get("normalizers"), cfg.get("dataset"))
+    return model, used_ema
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,3 +322,9 @@ def save_checkpoint(path: str | os.PathLike, model: PotentialModel, extra: Mappi
             os.unlink(tmp)
         raise
     return path
+
+
+__all__ = [
+    "KDCACHE_FORMAT", "OCP_FORMAT", "LoadedModel", "apply_scale_file", "file_sha256", "load_checkpoint",
+    "read_checkpoint", "save_checkpoint", "scale_factor_modules",
+]

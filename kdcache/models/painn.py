@@ -17,22 +17,18 @@ from the target atom t to the source atom s (the reference's ``r_ij``); note thi
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 from torch import nn
 
+from kdcache import graph as G
 from kdcache import keys as K
-from kdcache.models.base import PotentialModel
+from kdcache.models.base import ModelInputs, PotentialModel
+from kdcache.models.common import student_edges, student_geometry
 # shared, model-neutral building blocks (never from the teacher's package: students must not
-# import kdcache.models.gemnet_oc); re-exported here for existing imports (e.g. SchNet)
-from kdcache.models.radial import (  # noqa: F401
-    ExponentialEnvelope,
-    GaussianBasis,
-    PolynomialEnvelope,
-    RadialBasis,
-)
-from kdcache.models.scaling import ScaleFactor, ScaledSiLU  # noqa: F401
+# import kdcache.models.gemnet_oc)
+from kdcache.models.radial import RadialBasis
+from kdcache.models.scaling import ScaleFactor, ScaledSiLU, apply_scale_file
 
 # ---------------------------------------------------------------------------------------------
 # small building blocks
@@ -189,9 +185,10 @@ class PaiNNOutput(nn.Module):
 class PaiNN(PotentialModel):
     """PaiNN with the Open Catalyst constructor arguments and state-dict layout.
 
-    ``forward`` returns raw (normalised) ``energy [S]``, ``forces [N, 3]``, ``atom_energy [N]``
-    and, on request, ``node`` = final scalar features ``x [N, d]`` and ``vector`` = final vector
-    features ``vec [N, 3, d]`` (both are computed anyway, so asking costs nothing).
+    ``forward`` (:class:`~kdcache.models.base.PotentialModel`) returns raw (normalised)
+    ``energy [S]``, ``forces [N, 3]``, ``atom_energy [N]`` and, on request, ``node`` = final
+    scalar features ``x [N, d]`` and ``vector`` = final vector features ``vec [N, 3, d]`` (both
+    are computed anyway, so asking costs nothing).
 
     Args:
         hidden_channels: d, channels of x and vec.
@@ -255,6 +252,7 @@ class PaiNN(PotentialModel):
         self.regress_forces = regress_forces
         self.direct_forces = direct_forces
         self.use_pbc = use_pbc
+        self.max_atomic_number = num_elements  # embedding row Z - 1 holds element Z
 
         # Registration order matters: EMA shadow parameters in checkpoints follow it.
         self.atom_emb = AtomEmbedding(hidden_channels, num_elements)
@@ -273,114 +271,53 @@ class PaiNN(PotentialModel):
         self.inv_sqrt_2 = 1 / math.sqrt(2.0)
 
         if scale_file is not None:
-            from kdcache.models.checkpoint import apply_scale_file
-
             apply_scale_file(self, scale_file)
 
     # --- graph ----------------------------------------------------------------------------------
     def build_graph(self, batch, pos: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The symmetric PaiNN graph: ``src``, ``dst`` [E], ``dist`` [E] and ``edge_dir`` [E, 3]
-        (unit vector from target to source), differentiable in ``pos``."""
-        src, dst, dist, edge_vector = student_graph(
-            batch, pos, self.cutoff, self.max_neighbors, self.use_pbc, symmetric=True
-        )
+        """The symmetric PaiNN graph of a batch: ``src``, ``dst`` [E], ``dist`` [E] and
+        ``edge_dir`` [E, 3] (unit vector from target to source), differentiable in ``pos``."""
+        inputs = ModelInputs(batch, pos, batch[K.ATOMIC_NUMBERS], G.batch_structures(batch, pos, self.use_pbc))
+        return self._geometry(pos, self.make_graph(inputs))
+
+    def make_graph(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+        """The symmetric radius graph (:func:`kdcache.models.common.student_edges`)."""
+        return student_edges(inputs, self.cutoff, self.max_neighbors, symmetric=True)
+
+    @staticmethod
+    def _geometry(pos: torch.Tensor, graph: dict) -> dict[str, torch.Tensor]:
+        src, dst, dist, edge_vector = student_geometry(pos, graph)
         return {"src": src, "dst": dst, "dist": dist, "edge_dir": -edge_vector}
 
-    # --- forward ----------------------------------------------------------------------------------
-    def forward(self, batch, features: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-        wanted = self.check_features(features)
-        gradient_forces = self.regress_forces and not self.direct_forces
-        outer_grad = torch.is_grad_enabled()
-        with torch.set_grad_enabled(outer_grad or gradient_forces):
-            pos = batch[K.POSITIONS]
-            if gradient_forces and not pos.requires_grad:
-                pos = pos.detach().requires_grad_(True)
-            z = batch[K.ATOMIC_NUMBERS].long()
-            graph = self.build_graph(batch, pos)
-            src, dst = graph["src"], graph["dst"]
-            edge_rbf = self.radial_basis(graph["dist"])
-            edge_dir = graph["edge_dir"]
+    # --- body -----------------------------------------------------------------------------------
+    def body(self, pos: torch.Tensor, atomic_numbers: torch.Tensor, graph: dict,
+             wanted) -> dict[str, torch.Tensor]:
+        """Atom energies, direct forces, and ``node`` = x, ``vector`` = vec (computed anyway).
 
-            x = self.atom_emb(z)
-            vec = x.new_zeros(x.shape[0], 3, x.shape[1])
-            for i in range(self.num_layers):
-                dx, dvec = self.message_layers[i](x, vec, src, dst, edge_rbf, edge_dir)
-                x = (x + dx) * self.inv_sqrt_2
-                vec = vec + dvec
-                dx, dvec = self.update_layers[i](x, vec)
-                x = getattr(self, f"upd_out_scalar_scale_{i}")(x + dx)
-                vec = vec + dvec
+        Args:
+            pos: ``[N, 3]`` positions.
+            atomic_numbers: ``[N]``.
+            graph: from :meth:`make_graph`.
+            wanted: requested features (both are always returned; the base class picks).
+        """
+        graph = self._geometry(pos, graph)
+        src, dst, edge_dir = graph["src"], graph["dst"], graph["edge_dir"]
+        edge_rbf = self.radial_basis(graph["dist"])
 
-            atom_energy = self.out_energy(x)[:, 0]
-            n_struct = batch[K.NATOMS].shape[0]
-            energy = atom_energy.new_zeros(n_struct).index_add_(0, _batch_index(batch, x.shape[0]), atom_energy)
-            out = {K.ENERGY: energy, K.ATOM_ENERGY: atom_energy}
-            if self.regress_forces:
-                if self.direct_forces:
-                    out[K.FORCES] = self.out_forces(x, vec)
-                else:
-                    # -dE/dpos. (The reference differentiates the sum of the node features
-                    # instead, which is not a force; we use the physical definition.)
-                    (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=outer_grad)
-                    out[K.FORCES] = -grad
-        if K.NODE in wanted:
-            out[K.NODE] = x
-        if K.VECTOR in wanted:
-            out[K.VECTOR] = vec
-        if not outer_grad:
-            out = {k: v.detach() for k, v in out.items()}
+        x = self.atom_emb(atomic_numbers)
+        vec = x.new_zeros(x.shape[0], 3, x.shape[1])
+        for i in range(self.num_layers):
+            dx, dvec = self.message_layers[i](x, vec, src, dst, edge_rbf, edge_dir)
+            x = (x + dx) * self.inv_sqrt_2
+            vec = vec + dvec
+            dx, dvec = self.update_layers[i](x, vec)
+            x = getattr(self, f"upd_out_scalar_scale_{i}")(x + dx)
+            vec = vec + dvec
+
+        out = {K.ATOM_ENERGY: self.out_energy(x)[:, 0], K.NODE: x, K.VECTOR: vec}
+        if self.regress_forces and self.direct_forces:
+            out[K.FORCES] = self.out_forces(x, vec)
+        # Gradient forces (direct_forces=False) are -dE/dpos, taken by the base class. (The
+        # reference differentiates the sum of the node features instead, which is not a force;
+        # we use the physical definition.)
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# graph helpers shared by the students (PaiNN, SchNet)
-# ---------------------------------------------------------------------------------------------
-
-
-def student_graph(batch, pos: torch.Tensor, cutoff: float, max_neighbors: int, use_pbc: bool, symmetric: bool):
-    """The radius graph PaiNN and SchNet use, built with :mod:`kdcache.graph`.
-
-    At most ``max_neighbors`` nearest neighbours per target atom (strict, as the reference
-    models' graph generation), periodic images where ``use_pbc`` and the structure's ``pbc``
-    allow. ``symmetric``: keep one direction of every pair and add its reverse, PaiNN's rule
-    (for an atom's own images, the reference applies the rule to the un-negated offsets, hence
-    ``keep_self_image="positive"``).
-
-    Args:
-        batch: PyG ``Data``/``Batch`` with ``natoms`` and, for periodic structures, ``cell`` and
-            ``pbc`` (without ``pbc``, directions with a non-zero lattice vector are periodic).
-        pos: ``[N, 3]`` positions to use (may require grad; the graph itself does not).
-
-    Returns:
-        ``src [E]``, ``dst [E]``, ``distance [E]`` and ``edge_vector [E, 3]`` (kdcache sign: unit
-        vector from the source image to the target), differentiable in ``pos``.
-    """
-    from kdcache import graph as G
-
-    natoms = batch[K.NATOMS].view(-1).to(pos.device)
-    n_struct = natoms.shape[0]
-    cell = batch[K.CELL] if K.CELL in batch and batch[K.CELL] is not None else None
-    cell = pos.new_zeros(n_struct, 3, 3) if cell is None else cell.reshape(n_struct, 3, 3).to(pos)
-    pbc = batch[K.PBC] if K.PBC in batch and batch[K.PBC] is not None else None
-    if pbc is None:
-        pbc = cell.detach().abs().sum(dim=-1) > 0
-    pbc = pbc.to(device=pos.device, dtype=torch.bool).reshape(n_struct, 3)
-    if not use_pbc:
-        pbc = torch.zeros_like(pbc)
-    bidx = _batch_index(batch, pos.shape[0])
-    edge_index, offset, _ = G.radius_graph_pbc(
-        pos, cell, pbc, natoms, cutoff, max_neighbors, enforce_max_neighbors_strictly=True
-    )
-    if symmetric:
-        sym = G.symmetrize_edges(edge_index, offset, bidx, n_struct, keep_self_image="positive")
-        edge_index, offset = sym.edge_index, sym.cell_offset
-    distance, edge_vector = G.edge_geometry(pos, cell, bidx, edge_index, offset)
-    return edge_index[0], edge_index[1], distance, edge_vector
-
-
-def _batch_index(batch, n_atoms: int) -> torch.Tensor:
-    """Structure index of each atom (all zeros for a single un-batched structure)."""
-    b = batch[K.BATCH] if K.BATCH in batch and batch[K.BATCH] is not None else None
-    if b is None:
-        return torch.zeros(n_atoms, dtype=torch.long, device=batch[K.POSITIONS].device)
-    return b

@@ -15,8 +15,8 @@ import copy
 
 import torch
 
-from kdcache.models import build_model
 from kdcache.models.base import PotentialModel
+from kdcache.models.registry import build_model
 
 # --- OC20 ------------------------------------------------------------------------------------
 

@@ -10,23 +10,23 @@ filter network is one module reachable under two names (``mlp`` and ``conv.nn``)
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 from torch import nn
 
 from kdcache import keys as K
-from kdcache.models.base import PotentialModel
-from kdcache.models.painn import GaussianBasis, _batch_index, student_graph
+from kdcache.models.base import ModelInputs, PotentialModel
+from kdcache.models.common import student_edges, student_geometry
+from kdcache.models.radial import GaussianBasis
 
 #: the reference wrapper fixes the neighbour limit to this value
 SCHNET_MAX_NEIGHBORS = 50
+#: graph key: ``[N]`` atoms in each atom's structure (``readout="mean"`` only)
+_STRUCTURE_SIZE = "structure_size"
 
 
 class ShiftedSoftplus(nn.Module):
-    """softplus(x) - log 2, zero at x = 0.
-
-    """
+    """softplus(x) - log 2, zero at x = 0."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,9 +147,12 @@ class SchNet(PotentialModel):
         self.readout = readout
         self.max_neighbors = SCHNET_MAX_NEIGHBORS
         self.hidden_channels = hidden_channels
+        # forces are always -dE/dpos (the reference has no direct head)
+        self.direct_forces = False
 
         # Element Z uses row Z (row 0 unused), 100 rows as in the reference.
         self.embedding = nn.Embedding(100, hidden_channels, padding_idx=0)
+        self.max_atomic_number = self.embedding.num_embeddings - 1
         self.distance_expansion = GaussianBasis(0.0, self.cutoff, num_gaussians)
         self.interactions = nn.ModuleList(
             InteractionBlock(hidden_channels, num_gaussians, num_filters, self.cutoff) for _ in range(num_interactions)
@@ -161,36 +164,44 @@ class SchNet(PotentialModel):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, batch, features: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-        wanted = self.check_features(features)
-        outer_grad = torch.is_grad_enabled()
-        with torch.set_grad_enabled(outer_grad or self.regress_forces):
-            pos = batch[K.POSITIONS]
-            if self.regress_forces and not pos.requires_grad:
-                pos = pos.detach().requires_grad_(True)
-            z = batch[K.ATOMIC_NUMBERS].long()
-            src, dst, dist, _ = student_graph(
-                batch, pos, self.cutoff, self.max_neighbors, self.use_pbc, symmetric=False
-            )
-            basis = self.distance_expansion(dist)
+    def make_graph(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+        """The radius graph (:func:`kdcache.models.common.student_edges`, not symmetrised) and,
+        for ``readout="mean"``, each atom's structure size (for :meth:`total_energy`)."""
+        graph = student_edges(inputs, self.cutoff, self.max_neighbors, symmetric=False)
+        if self.readout == "mean":
+            natoms, batch = inputs.structures.natoms, inputs.structures.batch
+            graph[_STRUCTURE_SIZE] = natoms[batch].to(inputs.pos.dtype)
+        return graph
 
-            h = self.embedding(z)
-            for block in self.interactions:
-                h = h + block(h, src, dst, dist, basis)
-            node = h
-            atom_energy = self.lin2(self.act(self.lin1(h)))[:, 0]
+    def body(self, pos: torch.Tensor, atomic_numbers: torch.Tensor, graph: dict,
+             wanted) -> dict[str, torch.Tensor]:
+        """Atom energies and ``node`` = atom features after the last interaction.
 
-            idx = _batch_index(batch, h.shape[0])
-            n_struct = batch[K.NATOMS].shape[0]
-            energy = atom_energy.new_zeros(n_struct).index_add_(0, idx, atom_energy)
-            if self.readout == "mean":
-                energy = energy / batch[K.NATOMS].to(energy.dtype)
-            out = {K.ENERGY: energy, K.ATOM_ENERGY: atom_energy}
-            if self.regress_forces:
-                (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=outer_grad)
-                out[K.FORCES] = -grad
-        if K.NODE in wanted:
-            out[K.NODE] = node
-        if not outer_grad:
-            out = {k: v.detach() for k, v in out.items()}
-        return out
+        Args:
+            pos: ``[N, 3]`` positions.
+            atomic_numbers: ``[N]``.
+            graph: from :meth:`make_graph`.
+            wanted: requested features (``node`` is always returned; the base class picks).
+        """
+        src, dst, dist, _ = student_geometry(pos, graph)
+        basis = self.distance_expansion(dist)
+        h = self.embedding(atomic_numbers)
+        for block in self.interactions:
+            h = h + block(h, src, dst, dist, basis)
+        atom_energy = self.lin2(self.act(self.lin1(h)))[:, 0]
+        return {K.ATOM_ENERGY: atom_energy, K.NODE: h}
+
+    # The two readouts below are one rule: the mean divides each structure's sum by its size.
+    def structure_energy(self, atom_energy: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
+        """Sum of the atom energies, divided by the atom count for ``readout="mean"`` (the atom
+        energies themselves are not divided, as in the reference)."""
+        energy = super().structure_energy(atom_energy, inputs)
+        if self.readout == "mean":
+            energy = energy / inputs.structures.natoms.to(energy.dtype)
+        return energy
+
+    def total_energy(self, atom_energy: torch.Tensor, graph: dict) -> torch.Tensor:
+        """Σ of :meth:`structure_energy` over the structures, from per-atom tensors only."""
+        if self.readout == "mean":
+            return (atom_energy / graph[_STRUCTURE_SIZE]).sum()
+        return atom_energy.sum()

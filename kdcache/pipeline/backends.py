@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,23 +27,10 @@ def resolve_device(device: str | None) -> str:
 # --- data ----------------------------------------------------------------------------------------
 def make_demo_data(out: Path, num_train: int, num_val: int, num_test: int, seed: int) -> dict:
     """Write the embedded demo splits into ``out`` and return ``{split: file name}``."""
-    from kdcache.data import demo
+    from kdcache.data.demo import write_demo
 
-    writer = _first_attr(demo, ("write_demo", "write_demo_splits"))
-    sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
-    kwargs = _accepted(writer, {**sizes, "seed": seed, "progress": True})
-    result = writer(out, **kwargs)
-    names = {}
-    for split in ("train", "val", "test"):
-        p = None
-        if isinstance(result, dict) and split in result:
-            p = Path(result[split])
-        elif (out / f"{split}.lmdb").exists():
-            p = out / f"{split}.lmdb"
-        if p is None or not p.exists():
-            raise ConfigError(f"demo data writer did not produce the {split} split in {out}")
-        names[split] = str(p.resolve().relative_to(out.resolve()))
-    return names
+    paths = write_demo(out, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, progress=True)
+    return {split: str(Path(p).resolve().relative_to(out.resolve())) for split, p in paths.items()}
 
 
 def open_dataset(path: str | Path, **options):
@@ -77,8 +64,8 @@ def count_preset(name: str, **overrides) -> dict:
         model = build_preset(name, **overrides)
         where = "cpu"
     params = sum(p.numel() for p in model.parameters())
-    return {"name": getattr(model, "name", type(model).__name__), "params": int(params),
-            "features": tuple(getattr(model, "available_features", ())), "built_on": where}
+    return {"name": model.name, "params": int(params), "features": tuple(model.available_features),
+            "built_on": where}
 
 
 def load_model(checkpoint: str | Path, device: str):
@@ -110,10 +97,9 @@ def checkpoint_summary(checkpoint: str | Path) -> dict:
     own configuration, which wins over a preset's)."""
     from kdcache.models.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint)
-    model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
-    return {"name": getattr(model, "name", type(model).__name__), "params": int(sum(p.numel() for p in model.parameters())),
-            "features": tuple(getattr(model, "available_features", ())), "built_on": "checkpoint"}
+    model = load_checkpoint(checkpoint).model
+    return {"name": model.name, "params": int(sum(p.numel() for p in model.parameters())),
+            "features": tuple(model.available_features), "built_on": "checkpoint"}
 
 
 # --- stage two: training ----------------------------------------------------------------------
@@ -137,15 +123,15 @@ def train(settings: dict, out: Path, device: str) -> dict:
 
 
 def train_outputs(out: Path) -> dict:
+    """The files a finished run in ``out`` left: its best checkpoint (the last one without
+    validation) and its metrics, relative to ``out`` (``""``: no metrics were written)."""
+    from kdcache.train.trainer import BEST, LAST, METRICS_FILE
+
     out = Path(out)
-    for name in ("best.pt", "checkpoints/best.pt", "last.pt", "checkpoints/last.pt"):
-        if (out / name).exists():
-            ckpt = name
-            break
-    else:
-        raise ConfigError(f"training in {out} finished without a checkpoint (best.pt / last.pt)")
-    metrics = next((m for m in ("metrics.csv", "logs/metrics.csv") if (out / m).exists()), "")
-    return {"checkpoint": ckpt, "metrics": metrics}
+    ckpt = next((name for name in (BEST, LAST) if (out / name).exists()), None)
+    if ckpt is None:
+        raise ConfigError(f"training in {out} finished without a checkpoint ({BEST} / {LAST})")
+    return {"checkpoint": ckpt, "metrics": METRICS_FILE if (out / METRICS_FILE).exists() else ""}
 
 
 # --- stage one: extraction ---------------------------------------------------------------------
@@ -155,12 +141,6 @@ _EXTRACT_OWNED = {"data": "data", "out": "out", "teacher": "teacher.preset", "ch
                   "device": "device"}
 #: annotation names whose values can be checked without running anything
 _ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
-
-
-def _extract_fn() -> Callable:
-    import importlib
-
-    return _first_attr(importlib.import_module("kdcache.store.extract"), ("extract", "run_extract", "extract_store"))
 
 
 def _annotation_types(annotation) -> tuple[type, ...] | None:
@@ -188,7 +168,9 @@ def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
     Raises:
         ConfigError: ``"<where(name)>: <what is wrong>"``.
     """
-    params = inspect.signature(_extract_fn()).parameters
+    from kdcache.store.extract import check_settings, extract as run_extract
+
+    params = inspect.signature(run_extract).parameters
     for k, v in options.items():
         if k in _EXTRACT_OWNED:
             raise ConfigError(f"{where(k)}: is set by the recipe's `{_EXTRACT_OWNED[k]}`; remove it here")
@@ -199,8 +181,6 @@ def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
         if types is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in dict.fromkeys(types))
             raise ConfigError(f"{where(k)}: expected {names}, got {v!r}")
-    from kdcache.store.extract import check_settings
-
     check_settings(options, where)
     return options
 
@@ -208,18 +188,11 @@ def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
 def extract(checkpoint: str | Path, teacher: str | None, data: str | Path, out: Path, features: tuple[str, ...],
             dtype: str, batch_size: int, device: str, options: dict | None = None) -> None:
     """Run ``kdcache extract``'s Python API (it resumes an interrupted store by itself)."""
-    fn = _extract_fn()
+    from kdcache.store.extract import extract as run_extract
+
     options = check_extract_options(dict(options or {}), lambda k: f"store.options.{k}")
-    values = {"checkpoint": str(checkpoint), "teacher": teacher, "data": str(data), "out": str(out),
-              "features": list(features), "dtype": dtype, "batch_size": batch_size, "device": device,
-              "progress": True, **options}
-    fn(**_accepted(fn, values, required=("checkpoint", "data", "out")))
-
-
-def store_feature_keys(path: str | Path) -> tuple[str, ...]:
-    from kdcache.store import FeatureStore
-
-    return tuple(FeatureStore.open(path).feature_keys)
+    run_extract(checkpoint=str(checkpoint), teacher=teacher, data=str(data), out=str(out), features=list(features),
+                dtype=dtype, batch_size=batch_size, device=device, progress=True, **options)
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -254,7 +227,7 @@ def collect(checkpoint: str | Path, data: str | Path, num_samples: int, batch_si
 
     model = load_model(checkpoint, device)
     model.eval()
-    wanted = tuple(f for f in features if f in getattr(model, "available_features", (K.NODE,)))
+    wanted = tuple(f for f in features if f in model.available_features)
     ds = open_dataset(data)
     n = min(num_samples, len(ds))
     loader = DataLoader(Subset(ds, range(n)), batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -274,24 +247,3 @@ def collect(checkpoint: str | Path, data: str | Path, num_samples: int, batch_si
             feats[f].append(out[f].detach().float().cpu())
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
     return {k: cat(v) for k, v in preds.items()}, {k: cat(v) for k, v in feats.items()}
-
-
-# --- helpers --------------------------------------------------------------------------------------
-def _first_attr(module, names):
-    for n in names:
-        fn = getattr(module, n, None)
-        if callable(fn):
-            return fn
-    raise ConfigError(f"{module.__name__} has none of {names}")
-
-
-def _accepted(fn, values: dict, required=()) -> dict:
-    """The subset of ``values`` that ``fn`` accepts (all of them if it takes ``**kwargs``)."""
-    sig = inspect.signature(fn)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return values
-    kept = {k: v for k, v in values.items() if k in sig.parameters}
-    missing = [r for r in required if r not in kept]
-    if missing:
-        raise ConfigError(f"{fn.__module__}.{fn.__name__} does not take {missing}; the pipeline needs them")
-    return kept

@@ -1,7 +1,10 @@
 """Pipeline recipes: one YAML file describes one teacher -> student configuration end to end.
 
-A recipe is read once, checked completely (every problem is a :class:`ConfigError` that names the
-recipe file and the key), and turned into plain dataclasses the runner works from::
+A recipe is read once and checked completely against one schema (:class:`RecipeFile`, pydantic
+models per section; every problem is a :class:`ConfigError` that names the recipe file and the key
+path). Its ``train:`` sections are stage two's own settings schema
+(:class:`kdcache.train.config.TrainConfig`), its strategies those of
+:data:`kdcache.train.strategies.STRATEGIES`, its ``store.options`` those of ``kdcache extract``::
 
     name: demo                      # optional; default: the file name without .yaml
     out: runs/demo                  # optional; default runs/<name>
@@ -41,46 +44,93 @@ Relative paths are taken from the current working directory. The file is read wi
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, field_validator, model_validator
 
 from kdcache.config_yaml import load_yaml
 from kdcache.errors import ConfigError
-
-#: distillation strategies known to stage two (``none`` is the baseline).
-STRATEGIES = ("n2n", "e2n", "v2v", "vanilla1", "vanilla2")
-FEATURE_LOSSES = ("mse", "mae", "huber")
-STORE_DTYPES = ("float16", "bfloat16", "float32")
-#: what ``kdcache extract --features`` accepts (``outputs`` = teacher energy and forces)
-STORE_FEATURES = ("node", "e2n", "e2v", "vector", "atom_energy", "outputs")
-
-#: store entries each strategy reads; v2v depends on the teacher (edge vectors vs PaiNN vectors)
-_NEEDS = {
-    "n2n": ("node",),
-    "e2n": ("e2n",),
-    "vanilla1": ("outputs",),
-    "vanilla2": ("atom_energy",),
-}
-#: hidden features each architecture can hand out (registry names)
-ARCH_FEATURES = {
-    "gemnet_oc": ("node", "e2n", "e2v"),
-    "painn": ("node", "vector"),
-    "schnet": ("node",),
-}
+from kdcache.settings import (ANY_MAPPING, Schema, choice, integer, number, one_or_list, refuse, section_dict,
+                              text_list, validated)
+from kdcache.store.format import FEATURE_CHOICES, FEATURE_DTYPES
+from kdcache.train.config import TrainConfig
+from kdcache.train.strategies import FEATURE_LOSSES, STRATEGIES
 
 #: trainer settings the pipeline itself sets (from data/store/strategies/out/device)
 PIPELINE_OWNED = ("student", "student_overrides", "data", "val", "store", "strategy", "lambda", "lambda_",
                   "feature_loss", "out", "device")
 
-_TOP_KEYS = {"name", "out", "device", "seed", "seeds", "data", "teacher", "store", "students", "strategies", "eval", "report", "description"}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-@dataclass
-class DataSpec:
+def expand_env(value: str, strict: bool) -> str:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` and ``~``.
+
+    Args:
+        value: a path as written.
+        strict: an unset variable without default is an error (running); False leaves it in
+            place (validating a template).
+
+    Raises:
+        PydanticCustomError: (strict) naming the unset variable; raised while a schema validates.
+    """
+
+    def sub(m: re.Match) -> str:
+        var, default = m.group(1), m.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if default is not None:
+            return default
+        if strict:
+            raise refuse("", f"environment variable {var} is not set (see docs/recipes.md)")
+        return m.group(0)
+
+    return os.path.expanduser(_ENV.sub(sub, value))
+
+
+def _expanded(value: str, info: ValidationInfo) -> str:
+    return expand_env(value, (info.context or {}).get("strict", True))
+
+
+#: a file path of the recipe, with environment variables expanded
+EnvPath = Annotated[str, AfterValidator(_expanded)]
+
+
+def _train_section(value: Any) -> dict:
+    """A ``train:`` mapping: stage two's own settings (each value checked by
+    :class:`~kdcache.train.config.TrainConfig`'s field), none of those the pipeline sets."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise refuse("", f"expected a mapping, got {type(value).__name__}")
+    known = [k for k in TrainConfig.setting_keys() if k not in PIPELINE_OWNED]
+    for key in value:
+        if key in PIPELINE_OWNED:
+            raise refuse(str(key), "is set by the pipeline (from data/store/strategies); remove it here")
+        if key not in known:
+            raise refuse(str(key), f"unknown training setting; known: {', '.join(sorted(known))}")
+    checked = TrainConfig.model_validate(value)
+    return {k: getattr(checked, k) for k in value}
+
+
+#: the settings of ``kdcache train`` that a recipe may give (the train settings schema)
+TrainSection = Annotated[dict, PlainValidator(_train_section)]
+
+
+class DemoData(Schema):
+    """``data: {demo: ...}``: the embedded demo data (:mod:`kdcache.data.demo`)."""
+
+    num_train: integer(gt=0) = 200
+    num_val: integer(gt=0) = 40
+    num_test: integer(gt=0) = 40
+    seed: integer() = 0
+
+
+class DataSpec(Schema):
     """Where the three splits come from.
 
     Args:
@@ -88,15 +138,25 @@ class DataSpec:
         demo: ``{num_train, num_val, num_test, seed}`` for the embedded demo data, or None.
     """
 
-    train: str | None = None
-    val: str | None = None
-    test: str | None = None
-    demo: dict | None = None
+    train: EnvPath | None = None
+    val: EnvPath | None = None
+    test: EnvPath | None = None
+    demo: section_dict(DemoData) | None = None
+
+    @model_validator(mode="after")
+    def _paths_or_demo(self) -> "DataSpec":
+        if self.demo is not None:
+            if any((self.train, self.val, self.test)):
+                raise refuse("demo", "give either `demo` or train/val/test paths, not both")
+            return self
+        for k in ("train", "val", "test"):
+            if getattr(self, k) is None:
+                raise refuse(k, "is required (or use `data: {demo: {...}}`)")
+        return self
 
 
-@dataclass
-class ModelSpec:
-    """A teacher or the student.
+class ModelSpec(Schema):
+    """A teacher or the students.
 
     Args:
         preset: a :mod:`kdcache.models.presets` name.
@@ -106,17 +166,184 @@ class ModelSpec:
     """
 
     preset: str | None = None
-    checkpoint: str | None = None
-    train: dict | None = None
-    overrides: dict = field(default_factory=dict)
+    checkpoint: EnvPath | None = None
+    train: TrainSection | None = None
+    overrides: ANY_MAPPING = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _preset_or_checkpoint(self) -> "ModelSpec":
+        if self.overrides and self.preset is None:
+            raise refuse("overrides", "overrides change a preset; give `preset:` too")
+        if self.overrides and self.checkpoint is not None:
+            raise refuse("overrides", "a checkpoint's own model configuration is used; drop the overrides")
+        if self.preset is None and self.checkpoint is None:
+            raise refuse("preset", "give a preset or a checkpoint")
+        return self
 
 
-@dataclass
-class StoreSpec:
-    features: tuple[str, ...] = ()
-    dtype: str = "float16"
-    batch_size: int = 16
-    options: dict = field(default_factory=dict)
+class TeacherSpec(ModelSpec):
+    """The teacher: trained weights (``checkpoint``) or trained here (``train``), not both."""
+
+    @model_validator(mode="after")
+    def _weights(self) -> "TeacherSpec":
+        if self.checkpoint is None and self.train is None:
+            raise refuse("", "give `checkpoint:` (a trained teacher) or `train:` (train it in this pipeline)")
+        if self.checkpoint is not None and self.train is not None:
+            raise refuse("train", "a teacher with a checkpoint is not trained again; drop one of the two")
+        return self
+
+
+class StudentSpec(ModelSpec):
+    """The students: a preset the pipeline trains (``train``: the settings every run shares)."""
+
+    train: TrainSection = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_checkpoint(self) -> "StudentSpec":
+        if self.checkpoint is not None:
+            raise refuse("checkpoint", "students are trained by the pipeline; give a preset")
+        return self
+
+
+class StoreSpec(Schema):
+    """How the teacher's store is extracted.
+
+    Args:
+        features: ``--features`` names; empty for ``auto`` (every target the teacher can give).
+        dtype: feature dtype. batch_size: extraction batch size.
+        options: further ``kdcache extract`` settings (its own names and rules).
+    """
+
+    features: Annotated[text_list(choice(FEATURE_CHOICES)), AfterValidator(tuple)] = ()
+    dtype: choice(FEATURE_DTYPES) = "float16"
+    batch_size: integer(gt=0) = 16
+    options: ANY_MAPPING = Field(default_factory=dict)
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _auto(cls, value: Any) -> Any:
+        return [] if value in ("auto", None) else value  # resolved by the runner (resolve_store_features)
+
+    @field_validator("options")
+    @classmethod
+    def _extract_settings(cls, options: dict, info: ValidationInfo) -> dict:
+        from kdcache.pipeline.backends import check_extract_options  # imports torch: only when checking
+
+        source = (info.context or {}).get("source", "recipe")
+        return check_extract_options(options, lambda k: f"{source}: key {'store.options.' + k!r}")
+
+
+_LAMBDA = number(ge=0)
+
+
+class StrategyEntry(Schema):
+    """One entry of ``strategies:`` (a name alone, or a mapping; see the module docstring)."""
+
+    name: str
+    strategy: str | None = None
+    lambda_: one_or_list(_LAMBDA) | None = Field(None, alias="lambda")
+    terms: dict[str, _LAMBDA] | None = None
+    loss: choice(FEATURE_LOSSES) = "mse"
+    train: TrainSection = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StrategyEntry":
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name) or self.name in {"baseline", "teacher", "none"}:
+            raise refuse("name", f"{self.name!r} cannot name a run (letters, digits, _ . + - only; "
+                                 "not baseline/teacher/none)")
+        lams = self.lambda_ or []
+        if self.lambda_ == []:
+            raise refuse("lambda", "is an empty list")
+        if len(set(lams)) != len(lams):
+            raise refuse("lambda", f"a value is given twice: {lams}")
+        if self.terms is not None:
+            if self.lambda_ is not None or self.strategy is not None:
+                raise refuse("terms", "give either `terms` or `strategy`/`lambda`, not both")
+            if not self.terms:
+                raise refuse("terms", "is empty")
+        for strategy, key in self._named():
+            if strategy not in STRATEGIES:
+                raise refuse(key, f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
+        return self
+
+    def _named(self) -> list[tuple[str, str]]:
+        """(strategy, the key that names it)."""
+        if self.terms is not None:
+            return [(k, f"terms.{k}") for k in self.terms]
+        return [(self.strategy, "strategy")] if self.strategy is not None else [(self.name, "name")]
+
+    def spec(self) -> "StrategySpec":
+        """The run this entry describes (λ: given, else the strategy's own default)."""
+        if self.terms is not None:
+            return StrategySpec(self.name, dict(self.terms), self.loss, self.train)
+        ((strategy, _),) = self._named()
+        lams = self.lambda_ or [STRATEGIES[strategy].default_lambda]
+        return StrategySpec(self.name, {strategy: lams[0]}, self.loss, self.train,
+                            sweep=tuple(lams) if len(lams) > 1 else ())
+
+
+class EvalSpec(Schema):
+    batch_size: integer(gt=0) = 16
+
+
+class ReportSpec(Schema):
+    plots: bool = True
+    cka_samples: integer(gt=0) = 64
+    parity_samples: integer(gt=0) = 200
+    title: str | None = None
+
+
+class RecipeFile(Schema):
+    """The schema of a recipe file (the module docstring shows every key)."""
+
+    name: str | None = None
+    description: Any = None
+    out: str | None = None
+    device: str = "auto"
+    seed: integer() = 0
+    seeds: one_or_list(integer(ge=0)) | None = None
+    data: DataSpec
+    teacher: TeacherSpec
+    students: StudentSpec
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    strategies: Annotated[list[StrategyEntry], AfterValidator(list)] = Field(default_factory=list)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+            raise refuse("", f"{device!r} is not auto, cpu, cuda or cuda:N")
+        return device
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and not seeds:
+            raise refuse("", f"expected a non-empty list of seeds, got {seeds!r}")
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise refuse("", f"a seed is given twice: {seeds}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _unique_runs(self) -> "RecipeFile":
+        specs = [s.spec() for s in self.strategies]
+        names = [s.name for s in specs] + [c.name for s in specs if s.sweep for c in s.candidates()]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise refuse("strategies", f"run names must be unique; repeated: {sorted(dup)}")
+        return self
 
 
 @dataclass
@@ -156,6 +383,16 @@ class StrategySpec:
 
 @dataclass
 class Recipe:
+    """A checked recipe, defaults resolved (what the runner works from).
+
+    Args:
+        path: the recipe file. name: its name (default: the file name). out: the run folder.
+        device: ``auto``, ``cpu``, ``cuda[:N]``. seed: the recipe seed. seeds: one run per seed.
+        data, teacher, store, student: the sections (``student`` is ``students:``).
+        strategies: the distilled runs. eval, report: those sections with defaults filled in.
+        raw: the recipe as read (written next to the results).
+    """
+
     path: Path
     name: str
     out: Path
@@ -183,202 +420,19 @@ class Recipe:
         return settings
 
 
-# --------------------------------------------------------------------------------------------
-class _Checker:
-    """Collects the recipe path so every error message names file and key."""
+def _check_runs_together(recipe: Recipe, where) -> None:
+    """Let stage two's configuration check each run's settings together (the strategy with its
+    λ, the student with the settings), as ``kdcache train`` will."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def check(settings: dict, key: str) -> None:
+        TrainConfig.from_dict(settings, source=f"recipe {recipe.path}", where=lambda k: where(f"{key}.{k}"))
 
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"recipe {self.path}: key {key!r}: {message}")
-
-    def key_in(self, parent: str):
-        """``key path -> "recipe <file>: key '<parent>.<key path>'"``, for checks done elsewhere."""
-        return lambda k: f"recipe {self.path}: key {(f'{parent}.{k}' if parent else k)!r}"
-
-    def mapping(self, value, key: str, allowed: set[str] | None = None, required=()) -> dict:
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
-        if allowed is not None:
-            unknown = sorted(set(value) - allowed)
-            if unknown:
-                raise self.fail(f"{key}.{unknown[0]}" if key else unknown[0],
-                                f"unknown key; allowed: {sorted(allowed)}")
-        for r in required:
-            if value.get(r) is None:
-                raise self.fail(f"{key}.{r}" if key else r, "is required")
-        return value
-
-    def typed(self, value, key: str, types, positive: bool = False):
-        if float in _as_tuple(types) and isinstance(value, str):
-            # PyYAML reads `1e-4` (no dot) as a string; accept what is clearly a number
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) and bool not in _as_tuple(types):
-            raise self.fail(key, f"expected {_type_names(types)}, got a boolean")
-        if not isinstance(value, types):
-            raise self.fail(key, f"expected {_type_names(types)}, got {value!r}")
-        if positive and isinstance(value, (int, float)) and not value > 0:
-            raise self.fail(key, f"must be > 0, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise self.fail(key, f"must be finite, got {value!r}")
-        return value
-
-    def choice(self, value, key: str, choices):
-        if value not in choices:
-            raise self.fail(key, f"{value!r} is not one of {list(choices)}")
-        return value
-
-
-def _as_tuple(t):
-    return t if isinstance(t, tuple) else (t,)
-
-
-def _type_names(types) -> str:
-    return " or ".join(t.__name__ for t in _as_tuple(types))
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(value: str, checker: _Checker, key: str, strict: bool) -> str:
-    """Expand ``${VAR}`` / ``${VAR:-default}``; an unset variable without default is an error
-    when ``strict`` (running) and left in place otherwise (validating a template)."""
-
-    def sub(m: re.Match) -> str:
-        var, default = m.group(1), m.group(2)
-        if var in os.environ:
-            return os.environ[var]
-        if default is not None:
-            return default
-        if strict:
-            raise checker.fail(key, f"environment variable {var} is not set (see docs/recipes.md)")
-        return m.group(0)
-
-    return os.path.expanduser(_ENV.sub(sub, value))
-
-
-def trainer_setting_names() -> set[str] | None:
-    """Names ``kdcache train`` accepts (from its config dataclass), or None if not importable."""
-    try:
-        import dataclasses
-
-        from kdcache.train.config import TrainConfig
-    except Exception:  # stage two not installed/importable: only the known keys are checked
-        return None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {("lambda" if n == "lambda_" else n) for n in names}
-
-
-def _check_train(c: _Checker, value, key: str) -> dict:
-    """A ``train:`` mapping: names known to stage two and not set by the pipeline; each value's
-    type and range by stage two's own rules (one place: :mod:`kdcache.train.config`)."""
-    from kdcache.train.config import check_setting
-
-    settings = c.mapping(value, key)
-    known = trainer_setting_names()
-    out = {}
-    for k, v in settings.items():
-        if k in PIPELINE_OWNED:
-            raise c.fail(f"{key}.{k}", "is set by the pipeline (from data/store/strategies); remove it here")
-        if known is not None and k not in known:
-            raise c.fail(f"{key}.{k}", f"unknown training setting; known: {', '.join(sorted(known - set(PIPELINE_OWNED)))}")
-        out[k] = check_setting(k, v, c.key_in(key))
-    return out
-
-
-def check_with_trainer(c: "_Checker", settings: dict, key: str) -> None:
-    """Let stage two's own configuration check the values together (e.g. the strategy)."""
-    from kdcache.train.config import TrainConfig
-
-    TrainConfig.from_dict(dict(settings), source=f"recipe {c.path}", where=c.key_in(key))
-
-
-def _check_model(c: _Checker, value, key: str, strict: bool, need_weights: bool) -> ModelSpec:
-    m = c.mapping(value, key, allowed={"preset", "checkpoint", "train", "overrides"})
-    preset, ckpt, train = m.get("preset"), m.get("checkpoint"), m.get("train")
-    overrides = c.mapping(m.get("overrides"), f"{key}.overrides")
-    if overrides and preset is None:
-        raise c.fail(f"{key}.overrides", "overrides change a preset; give `preset:` too")
-    if overrides and ckpt is not None:
-        raise c.fail(f"{key}.overrides", "a checkpoint's own model configuration is used; drop the overrides")
-    if preset is not None:
-        c.typed(preset, f"{key}.preset", str)
-    if ckpt is not None:
-        c.typed(ckpt, f"{key}.checkpoint", str)
-        ckpt = expand_env(ckpt, c, f"{key}.checkpoint", strict)
-    if preset is None and ckpt is None:
-        raise c.fail(f"{key}.preset", "give a preset or a checkpoint")
-    if train is not None:
-        train = _check_train(c, train, f"{key}.train")
-    if need_weights and ckpt is None and train is None:
-        raise c.fail(key, "give `checkpoint:` (a trained teacher) or `train:` (train it in this pipeline)")
-    if need_weights and ckpt is not None and train is not None:
-        raise c.fail(f"{key}.train", "a teacher with a checkpoint is not trained again; drop one of the two")
-    return ModelSpec(preset=preset, checkpoint=ckpt, train=train, overrides=dict(overrides))
-
-
-def _check_strategy(c: _Checker, value, key: str) -> StrategySpec:
-    if isinstance(value, str):
-        value = {"name": value}
-    s = c.mapping(value, key, allowed={"name", "strategy", "lambda", "terms", "loss", "train"}, required=("name",))
-    sweep: tuple[float, ...] = ()
-    if isinstance(s.get("lambda"), list):
-        if "terms" in s:
-            raise c.fail(f"{key}.lambda", "give either `terms` or `strategy`/`lambda`, not both")
-        lams = [c.typed(v, f"{key}.lambda[{i}]", (int, float)) for i, v in enumerate(s["lambda"])]
-        if not lams:
-            raise c.fail(f"{key}.lambda", "is an empty list")
-        for i, v in enumerate(lams):
-            if v < 0:
-                raise c.fail(f"{key}.lambda[{i}]", f"lambda must be >= 0, got {v}")
-        if len(set(lams)) != len(lams):
-            raise c.fail(f"{key}.lambda", f"a value is given twice: {lams}")
-        sweep = tuple(float(v) for v in lams) if len(lams) > 1 else ()
-        s = {**s, "lambda": lams[0]}
-    name = c.typed(s["name"], f"{key}.name", str)
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in {"baseline", "teacher", "none"}:
-        raise c.fail(f"{key}.name", f"{name!r} cannot name a run (letters, digits, _ . + - only; not baseline/teacher/none)")
-    if "terms" in s:
-        if "lambda" in s or "strategy" in s:
-            raise c.fail(f"{key}.terms", "give either `terms` or `strategy`/`lambda`, not both")
-        terms = c.mapping(s["terms"], f"{key}.terms")
-        if not terms:
-            raise c.fail(f"{key}.terms", "is empty")
-    else:
-        strategy = s.get("strategy", name)
-        c.typed(strategy, f"{key}.strategy", str)
-        if s.get("lambda") is None:
-            from kdcache.train.strategies import STRATEGIES as _TABLE  # the one table of defaults
-
-            terms = {strategy: _TABLE[strategy].default_lambda if strategy in _TABLE else 1.0}
-        else:
-            terms = {strategy: s["lambda"]}
-    out_terms = {}
-    for strat, lam in terms.items():
-        tkey = f"{key}.terms.{strat}" if "terms" in s else f"{key}.lambda"
-        if strat not in STRATEGIES:
-            skey = f"{key}.terms.{strat}" if "terms" in s else (f"{key}.strategy" if "strategy" in s else f"{key}.name")
-            raise c.fail(skey, f"unknown strategy {strat!r}; known: {list(STRATEGIES)}")
-        lam = c.typed(lam, tkey, (int, float))
-        if lam < 0:
-            raise c.fail(tkey, f"lambda must be >= 0, got {lam}")
-        out_terms[strat] = float(lam)
-    loss = c.choice(s.get("loss", "mse"), f"{key}.loss", FEATURE_LOSSES)
-    train = _check_train(c, s.get("train"), f"{key}.train") if s.get("train") is not None else {}
-    return StrategySpec(name=name, terms=out_terms, loss=loss, train=train, sweep=sweep)
-
-
-def strategy_needs(strategy: str, teacher_arch: str | None) -> tuple[str, ...]:
-    """Store entries (``--features`` names) a strategy reads, given the teacher architecture."""
-    if strategy == "v2v":
-        return ("vector",) if teacher_arch == "painn" else ("e2v",)
-    return _NEEDS[strategy]
+    if recipe.teacher.train is not None:
+        check({"student": recipe.teacher.preset, **recipe.teacher.train}, "teacher.train")
+    student = {"student": recipe.student.preset, **recipe.student.train}
+    check(student, "students.train")
+    for i, s in enumerate(recipe.strategies):
+        check({**student, **s.train, "strategy": s.strategy_string, "feature_loss": s.loss}, f"strategies[{i}]")
 
 
 def parse_recipe(raw: dict, path: str | Path, strict: bool = True) -> Recipe:
@@ -389,106 +443,24 @@ def parse_recipe(raw: dict, path: str | Path, strict: bool = True) -> Recipe:
         path: the recipe file (named in every error).
         strict: expand environment variables and fail on unset ones (False: keep ``${VAR}``
             placeholders, for validating templates).
+
+    Raises:
+        ConfigError: ``recipe <path>: key '<key path>': <what is wrong>``.
     """
-    from kdcache.pipeline.backends import check_extract_options  # imports torch: only when checking
-
     path = Path(path)
-    c = _Checker(path)
-    r = c.mapping(raw, "", allowed=_TOP_KEYS, required=("data", "teacher", "students"))
-    name = r.get("name") or path.name.removesuffix(".yaml").removesuffix(".yml")
-    c.typed(name, "name", str)
-    out = r.get("out") or f"runs/{name}"
-    c.typed(out, "out", str)
-    device = c.typed(r.get("device", "auto"), "device", str)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        raise c.fail("device", f"{device!r} is not auto, cpu, cuda or cuda:N")
-    seed = c.typed(r.get("seed", 0), "seed", int)
-    seeds = r.get("seeds", [seed])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds:
-        raise c.fail("seeds", f"expected a non-empty list of seeds, got {seeds!r}")
-    for i, v in enumerate(seeds):
-        c.typed(v, f"seeds[{i}]", int)
-        if v < 0:
-            raise c.fail(f"seeds[{i}]", f"must be >= 0, got {v}")
-    if len(set(seeds)) != len(seeds):
-        raise c.fail("seeds", f"a seed is given twice: {seeds}")
 
-    # data
-    d = c.mapping(r["data"], "data", allowed={"train", "val", "test", "demo"})
-    if d.get("demo") is not None:
-        if any(d.get(k) for k in ("train", "val", "test")):
-            raise c.fail("data.demo", "give either `demo` or train/val/test paths, not both")
-        demo = c.mapping(d["demo"], "data.demo", allowed={"num_train", "num_val", "num_test", "seed"})
-        demo = {"num_train": 200, "num_val": 40, "num_test": 40, "seed": 0, **demo}
-        for k in ("num_train", "num_val", "num_test"):
-            c.typed(demo[k], f"data.demo.{k}", int, positive=True)
-        c.typed(demo["seed"], "data.demo.seed", int)
-        data = DataSpec(demo=demo)
-    else:
-        paths = {}
-        for k in ("train", "val", "test"):
-            if d.get(k) is None:
-                raise c.fail(f"data.{k}", "is required (or use `data: {demo: {...}}`)")
-            paths[k] = expand_env(c.typed(d[k], f"data.{k}", str), c, f"data.{k}", strict)
-        data = DataSpec(**paths)
+    def where(key: str) -> str:
+        return f"recipe {path}: key {key!r}"
 
-    teacher = _check_model(c, r["teacher"], "teacher", strict, need_weights=True)
-    student = _check_model(c, r["students"], "students", strict, need_weights=False)
-    if student.checkpoint is not None:
-        raise c.fail("students.checkpoint", "students are trained by the pipeline; give a preset")
-    if student.train is None:
-        student.train = {}
-
-    strategies_raw = r.get("strategies") or []
-    if not isinstance(strategies_raw, list):
-        raise c.fail("strategies", "expected a list")
-    strategies = [_check_strategy(c, s, f"strategies[{i}]") for i, s in enumerate(strategies_raw)]
-    names = [s.name for s in strategies] + [c_.name for s in strategies if s.sweep for c_ in s.candidates()]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise c.fail("strategies", f"run names must be unique; repeated: {sorted(dup)}")
-
-    st = c.mapping(r.get("store"), "store", allowed={"features", "dtype", "batch_size", "options"})
-    feats = st.get("features", "auto")
-    if feats == "auto" or feats is None:
-        feats = ()  # resolved by the runner from the strategies and the teacher's architecture
-    else:
-        if isinstance(feats, str):
-            feats = [f.strip() for f in feats.split(",") if f.strip()]
-        if not isinstance(feats, list):
-            raise c.fail("store.features", "expected `auto` or a list")
-        for f in feats:
-            c.choice(f, "store.features", STORE_FEATURES)
-        feats = tuple(feats)
-    store = StoreSpec(
-        features=feats,
-        dtype=c.choice(st.get("dtype", "float16"), "store.dtype", STORE_DTYPES),
-        batch_size=c.typed(st.get("batch_size", 16), "store.batch_size", int, positive=True),
-        options=check_extract_options(c.mapping(st.get("options"), "store.options"), c.key_in("store.options")),
-    )
-
-    ev = c.mapping(r.get("eval"), "eval", allowed={"batch_size"})
-    ev = {"batch_size": 16, **ev}
-    c.typed(ev["batch_size"], "eval.batch_size", int, positive=True)
-    rep = c.mapping(r.get("report"), "report", allowed={"plots", "cka_samples", "parity_samples", "title"})
-    rep = {"plots": True, "cka_samples": 64, "parity_samples": 200, "title": None, **rep}
-    c.typed(rep["plots"], "report.plots", bool)
-    c.typed(rep["cka_samples"], "report.cka_samples", int, positive=True)
-    c.typed(rep["parity_samples"], "report.parity_samples", int, positive=True)
-
-    if teacher.train is not None:
-        check_with_trainer(c, {"student": teacher.preset, **teacher.train}, "teacher.train")
-    check_with_trainer(c, {"student": student.preset, **student.train}, "students.train")
-    for i, s in enumerate(strategies):
-        merged = {"student": student.preset, **student.train, **s.train, "strategy": s.strategy_string, "feature_loss": s.loss}
-        check_with_trainer(c, merged, f"strategies[{i}]")
-
-    return Recipe(
-        path=path, name=name, out=Path(out), device=device, seed=seed, seeds=list(seeds), data=data, teacher=teacher,
-        store=store, student=student, strategies=strategies, eval=ev, report=rep, raw=copy.deepcopy(raw),
-    )
+    r = validated(RecipeFile, raw, where, context={"strict": strict, "source": f"recipe {path}"})
+    name = r.name or path.name.removesuffix(".yaml").removesuffix(".yml")
+    recipe = Recipe(
+        path=path, name=name, out=Path(r.out or f"runs/{name}"), device=r.device, seed=r.seed,
+        seeds=list(r.seeds or [r.seed]), data=r.data, teacher=r.teacher, store=r.store, student=r.students,
+        strategies=[s.spec() for s in r.strategies], eval=r.eval.model_dump(), report=r.report.model_dump(),
+        raw=copy.deepcopy(raw))
+    _check_runs_together(recipe, where)
+    return recipe
 
 
 def load_recipe(path: str | Path, strict: bool = True) -> Recipe:

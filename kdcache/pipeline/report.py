@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcache.pipeline.statistics import NOISE_SE, format_summary, paired_gaps, summarise
+# gap_closed lives with the statistics that pair it over seeds; the report names it too
+from kdcache.pipeline.statistics import NOISE_SE, format_summary, gap_closed, paired_gaps, summarise  # noqa: F401
 
 #: metrics of ``kdcache eval`` in report order: (key, header, unit, digits); EFwT comes as a
 #: fraction and is shown in % (the CSV keeps the fraction, as ``kdcache eval --json`` gives it)
@@ -82,21 +83,6 @@ class Row:
     @property
     def num_seeds(self) -> int:
         return len(self.runs)
-
-
-def gap_closed(baseline: float, distilled: float, teacher: float, higher_is_better: bool = False) -> float:
-    """(baseline - distilled) / (baseline - teacher).
-
-    ``nan`` when there is no gap: the teacher ties with the baseline or is worse than it (a ratio
-    would then be large or negative for a student that is worse than the baseline).
-    """
-    den = baseline - teacher
-    if not all(map(math.isfinite, (baseline, distilled, teacher))) or abs(den) < 1e-12 * max(1.0, abs(baseline)):
-        return float("nan")
-    teacher_better = teacher > baseline if higher_is_better else teacher < baseline
-    if not teacher_better:
-        return float("nan")
-    return (baseline - distilled) / den
 
 
 def add_gaps(rows: list[Row]) -> list[Row]:

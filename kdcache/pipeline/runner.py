@@ -30,9 +30,10 @@ from kdcache.errors import ConfigError
 from kdcache.fs import ensure_output_folder
 from kdcache.pipeline import backends as B
 from kdcache.pipeline import report as R
-from kdcache.pipeline.recipe import ARCH_FEATURES, Recipe, StrategySpec, load_recipe, strategy_needs
+from kdcache.pipeline.recipe import Recipe, StrategySpec, load_recipe
 from kdcache.pipeline.stages import StageResult, file_sha256, path_fingerprint, run_stage
 from kdcache.store.format import recorded_identity
+from kdcache.train.strategies import needed_features, teacher_features, teacher_kind
 
 #: training settings that do not change a run's result (left out of its stage hash)
 _NOT_RESULT = ("progress", "num_workers", "checkpoint_every", "val_batch_size")
@@ -67,32 +68,32 @@ def resolve_store_features(recipe: Recipe, teacher_arch: str | None) -> tuple[st
     ``auto`` stores all of them, not only what today's strategies read: the store is then the
     same whichever strategies the recipe lists, so adding a strategy later trains one student
     instead of re-extracting the store and re-training every distilled student.
+
+    Args:
+        recipe: the loaded recipe.
+        teacher_arch: what names the teacher (its model or preset name; None: unknown), resolved
+            to its kind by :func:`kdcache.train.strategies.teacher_kind`; what it offers and what
+            each strategy reads come from the strategy table and the model class.
+
+    Raises:
+        ConfigError: the teacher cannot give a listed feature, or the store would lack one a
+            strategy reads (key ``store.features``).
     """
-    if recipe.store.features:
-        feats = recipe.store.features
-    else:
-        needed: list[str] = []
-        for s in recipe.strategies:
-            for strat in s.terms:
-                for f in strategy_needs(strat, teacher_arch):
-                    if f not in needed:
-                        needed.append(f)
-        if teacher_arch in ARCH_FEATURES:
-            offered = [f for f in ARCH_FEATURES[teacher_arch] if f != "edge"] + ["atom_energy", "outputs"]
-            needed = offered + [f for f in needed if f not in offered]
-        feats = tuple(needed)
-    if teacher_arch in ARCH_FEATURES:
-        have = set(ARCH_FEATURES[teacher_arch]) | {"atom_energy", "outputs"}
-        missing = [f for f in feats if f not in have]
+    kind = teacher_kind(teacher_arch)
+    offered = teacher_features(kind)  # None: a teacher of unknown kind
+    reads = {(s.name, strat): needed_features(strat, kind) for s in recipe.strategies for strat in s.terms}
+    needed = [f for feats in reads.values() for f in feats]
+    feats = recipe.store.features or tuple(dict.fromkeys([*(offered or ()), *needed]))
+    if offered is not None:
+        missing = [f for f in feats if f not in offered]
         if missing:
-            raise ConfigError(f"recipe {recipe.path}: key 'store.features': a {teacher_arch} teacher has no {missing}")
-    for s in recipe.strategies:
-        for strat in s.terms:
-            lacking = [f for f in strategy_needs(strat, teacher_arch) if f not in feats]
-            if lacking:
-                raise ConfigError(
-                    f"recipe {recipe.path}: key 'store.features': strategy {strat!r} (run {s.name!r}) reads {lacking}, "
-                    f"which the store would not hold ({list(feats)})")
+            raise ConfigError(f"recipe {recipe.path}: key 'store.features': a {kind} teacher has no {missing}")
+    for (run, strat), wanted in reads.items():
+        lacking = [f for f in wanted if f not in feats]
+        if lacking:
+            raise ConfigError(
+                f"recipe {recipe.path}: key 'store.features': strategy {strat!r} (run {run!r}) reads {lacking}, "
+                f"which the store would not hold ({list(feats)})")
     return tuple(feats)
 
 

@@ -68,6 +68,25 @@ def summarise(values: Iterable[float]) -> Summary:
     return Summary(mean, sd, sd / math.sqrt(n), n)
 
 
+def gap_closed(baseline: float, distilled: float, teacher: float, higher_is_better: bool = False) -> float:
+    """(baseline - distilled) / (baseline - teacher).
+
+    ``nan`` when there is no gap: the teacher ties with the baseline or is worse than it (a ratio
+    would then be large or negative for a student that is worse than the baseline).
+
+    Args:
+        baseline, distilled, teacher: one metric of the three models.
+        higher_is_better: True for force cosine and EFwT.
+    """
+    den = baseline - teacher
+    if not all(map(math.isfinite, (baseline, distilled, teacher))) or abs(den) < 1e-12 * max(1.0, abs(baseline)):
+        return float("nan")
+    teacher_better = teacher > baseline if higher_is_better else teacher < baseline
+    if not teacher_better:
+        return float("nan")
+    return (baseline - distilled) / den
+
+
 def paired_gaps(baseline: Sequence[float], distilled: Sequence[float], teacher: float | Sequence[float],
                 higher_is_better: bool = False) -> list[float]:
     """Gap closed of each seed against the same seed's baseline, over the mean baseline's gap.
@@ -78,8 +97,6 @@ def paired_gaps(baseline: Sequence[float], distilled: Sequence[float], teacher: 
         teacher: the teacher's metric (one teacher serves every seed), or one per seed.
         higher_is_better: True for force cosine and EFwT.
     """
-    from kdcache.pipeline.report import gap_closed
-
     if len(baseline) != len(distilled):
         raise ValueError(f"{len(baseline)} baseline seeds but {len(distilled)} distilled seeds")
     teachers = [teacher] * len(baseline) if isinstance(teacher, (int, float)) else list(teacher)

@@ -13,6 +13,7 @@ from kdcache.errors import CheckpointError, ConfigError
 from kdcache.pipeline import backends as B
 from kdcache.pipeline.recipe import Recipe, load_recipe
 from kdcache.pipeline.runner import resolve_store_features, run_folder
+from kdcache.train.strategies import STRATEGIES
 
 
 def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build_models: bool = True) -> dict:
@@ -53,10 +54,7 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
         teacher_arch = summary.get("teacher", {}).get("name")
         student = summary.get("students")
         if student is not None:
-            for i, s in enumerate(r.strategies):
-                if "v2v" in s.terms and "vector" not in student["features"]:
-                    raise fail(f"strategies[{i}]", f"v2v needs a student with vector features (PaiNN); "
-                                                   f"{r.student.preset} ({student['name']}) has {list(student['features'])}")
+            _check_student_features(r, student, fail)
     if check_files:
         run_folder(r)  # the output folder can be made (not an existing file)
         if r.data.demo is None:
@@ -74,8 +72,20 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
             except CheckpointError as exc:
                 raise fail("teacher.checkpoint", str(exc)) from None
     if r.strategies:
-        summary["store_features"] = list(resolve_store_features(r, teacher_arch))
+        # the checkpoint's or built model's name, else the preset's (resolved by teacher_kind)
+        summary["store_features"] = list(resolve_store_features(r, teacher_arch or r.teacher.preset))
     return summary
+
+
+def _check_student_features(r: Recipe, student: dict, fail) -> None:
+    """Each strategy's student feature (the strategy table) is one the student model offers."""
+    for i, s in enumerate(r.strategies):
+        for strategy in s.terms:
+            feature = STRATEGIES[strategy].student_feature
+            offered = list(student["features"])
+            if feature is not None and feature not in offered:
+                raise fail(f"strategies[{i}]", f"{strategy} needs a student with {feature} features; "
+                                               f"{r.student.preset} ({student['name']}) has {offered}")
 
 
 def format_summary(summary: dict) -> str:

@@ -10,6 +10,10 @@ What one group's values are comes from a *runner*: :class:`ModelRunner` batches 
 kdcache model; :class:`kdcache.teachers.calculator.CalculatorRunner` runs any ASE calculator on
 each structure, in worker processes. Groups, markers, resume, lock and provenance are shared.
 
+Every setting is a field of :class:`~kdcache.store.request.ExtractRequest`; those that decide
+the values are the store's record (:class:`~kdcache.store.request.StoreRecord`), which a resume
+must present unchanged.
+
 One job writes a store at a time: rank 0 holds the store's write lock
 (:mod:`kdcache.store.lock`) from before it creates or resumes the store until it is finished, and
 a second ``kdcache extract`` on the same ``--out`` is refused with a message naming the holder.
@@ -21,6 +25,7 @@ import datetime as _dt
 import glob
 import hashlib
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,11 +38,15 @@ import torch
 
 from kdcache import distributed as D
 from kdcache import keys as K
+from kdcache.data import open_dataset
+from kdcache.data.sample import sample_hash
 from kdcache.errors import ConfigError, DataError, StoreError
 from kdcache.fs import ensure_output_folder, naming_output
 from kdcache.store import format as F
 from kdcache.store.lock import WriteLock
-from kdcache.store.writer import PROGRESS_DIR, StoreWriter, jsonable, remove_store
+from kdcache.store.request import TEACHER_DTYPES, ExtractRequest, StoreRecord
+from kdcache.store.request import check_settings  # noqa: F401  (kdcache.pipeline.backends imports it from here)
+from kdcache.store.writer import PROGRESS_DIR, StoreWriter, remove_store
 
 if TYPE_CHECKING:
     from kdcache.teachers.calculator import CalculatorSpec
@@ -46,10 +55,10 @@ RANDOM_TEACHER_WARNING = (
     "RANDOMLY INITIALISED TEACHER: no checkpoint was given, so the stored targets come from "
     "untrained weights. Fine for a demo or a test; worthless for distillation."
 )
-#: the precisions a teacher model runs in (``--teacher-dtype``)
-TEACHER_DTYPES = ("float32", "float64")
 #: config keys that describe the teacher's graph (recorded as "graph settings")
 _GRAPH_WORDS = ("cutoff", "max_neighbors", "pbc", "otf_graph", "qint_tags", "enforce_max_neighbors")
+#: defaults of :func:`extract`'s settings: the schema's
+_DEFAULT = {name: f.default for name, f in ExtractRequest.model_fields.items()}
 
 
 @dataclass
@@ -146,17 +155,15 @@ def load_teacher(teacher: str | None, checkpoint: str | None, device: torch.devi
         return Teacher(
             model=loaded.model,
             name=loaded.name,
-            config=jsonable(loaded.config),
+            config=F.jsonable(loaded.config),
             checkpoint=str(Path(checkpoint).resolve()),
             checkpoint_sha256=loaded.sha256,
             weights_sha256=weights_sha256(loaded.model),
             preset=teacher,
             extra={"checkpoint_format": loaded.source_format, "used_ema": loaded.used_ema},
         )
-    try:
-        from kdcache.models.presets import build_preset
-    except ImportError as exc:  # pragma: no cover - presets are part of the package
-        raise ConfigError(f"model presets are unavailable ({exc}); pass --checkpoint") from exc
+    from kdcache.models.presets import build_preset
+
     torch.manual_seed(seed)
     try:
         model = build_preset(teacher)
@@ -167,7 +174,7 @@ def load_teacher(teacher: str | None, checkpoint: str | None, device: torch.devi
     return Teacher(
         model=model,
         name=model.name,
-        config=jsonable(model.config),
+        config=F.jsonable(model.config),
         checkpoint=None,
         checkpoint_sha256=None,
         weights_sha256=weights_sha256(model),
@@ -177,15 +184,17 @@ def load_teacher(teacher: str | None, checkpoint: str | None, device: torch.devi
 
 
 def resolve_features(model, features: Sequence[str] | None) -> tuple[list[str], bool]:
-    """(per-atom keys to store, whether energies/forces are stored) for ``--features``."""
-    offered = [k for k in F.HIDDEN_KEYS if k in getattr(model, "available_features", ())]
-    if features is None:
-        wanted = [*offered, K.ATOM_ENERGY, F.OUTPUTS]
-    else:
-        wanted = [f.strip() for f in features if f.strip()]
-    unknown = [f for f in wanted if f not in F.FEATURE_CHOICES]
-    if unknown:
-        raise ConfigError(f"unknown feature(s) {unknown}; choose from {list(F.FEATURE_CHOICES)}")
+    """(per-atom keys to store, whether energies/forces are stored) for ``--features``.
+
+    Args:
+        model: the teacher model (its ``available_features``).
+        features: the request's ``features`` (checked names; None: all the model offers).
+
+    Raises:
+        ConfigError: a feature the model cannot give, or nothing per atom selected.
+    """
+    offered = [k for k in F.HIDDEN_KEYS if k in model.available_features]
+    wanted = [*offered, K.ATOM_ENERGY, F.OUTPUTS] if features is None else list(features)
     lacking = [f for f in wanted if f in F.HIDDEN_KEYS and f not in offered]
     if lacking:
         hint = ""
@@ -196,45 +205,6 @@ def resolve_features(model, features: Sequence[str] | None) -> tuple[list[str], 
     if not keys:
         raise ConfigError("--features selects nothing per atom; name at least one of node, e2n, e2v, vector, atom_energy, outputs")
     return keys, F.OUTPUTS in wanted
-
-
-def open_data(path: str | os.PathLike):
-    """The dataset at ``path`` (through :func:`kdcache.data.open_dataset`)."""
-    from kdcache import data as kdata
-
-    if hasattr(kdata, "open_dataset"):
-        return kdata.open_dataset(path)
-    # the dataset front door is being written; use the concrete readers meanwhile
-    p = Path(path)
-    if p.suffix == ".lmdb" or (p.is_dir() and any(p.glob("*.lmdb"))):
-        from kdcache.data.lmdb_dataset import LmdbDataset
-
-        return LmdbDataset(p)
-    from kdcache.data.coll import AseDataset
-
-    return AseDataset(p)
-
-
-def _sample_hash(data) -> int:
-    from kdcache.data.sample import sample_hash
-
-    return sample_hash(data)
-
-
-def dataset_natoms(dataset, n: int, progress: bool = False) -> np.ndarray:
-    """Atoms of the first ``n`` samples (needed up front to lay out the shards)."""
-    fast = getattr(dataset, "natoms_array", None)
-    if callable(fast):
-        return np.asarray(fast(), dtype=np.int64)[:n]
-    out = np.zeros(n, dtype=np.int64)
-    it = range(n)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc="planning", unit="sample", file=sys.stderr, mininterval=1.0)
-    for i in it:
-        out[i] = int(dataset[i][K.POSITIONS].shape[0])
-    return out
 
 
 def set_teacher_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
@@ -262,28 +232,29 @@ class ModelRunner:
 
     Every runner (this one, :class:`kdcache.teachers.calculator.CalculatorRunner`) offers the
     same: ``keys`` (per-atom store keys), ``has_energy``, ``batch_size`` (samples per call; None:
-    a whole group), ``request`` (settings besides the teacher that decide the values),
-    ``row_shapes(dataset)``, and a call ``(items, ids, advance) -> {key: tensor, "energy": [S]}``
-    that calls ``advance(k)`` as samples are done; and it is a context manager.
+    a whole group), ``value_settings`` (the :class:`ExtractRequest` fields besides the teacher
+    that decide its values), ``row_shapes(dataset)``, and a call ``(items, ids, advance) ->
+    {key: tensor, "energy": [S]}`` that calls ``advance(k)`` as samples are done; and it is a
+    context manager.
 
     Args:
         teacher: the model teacher.
-        features: the ``--features`` choice (see :func:`resolve_features`).
+        request: the extraction's settings (``features``, ``teacher_dtype``, ``batch_size``).
         dataset: where the samples come from.
         dev: where the model runs.
-        teacher_dtype: its precision.
-        batch_size: samples per forward.
     """
 
-    def __init__(self, teacher: Teacher, features, dataset, dev: torch.device, teacher_dtype: str, batch_size: int):
-        self.model = set_teacher_dtype(teacher.model, teacher_dtype)
+    #: batches decide the values (a batch's sums), so a resume must batch the same way
+    value_settings = ("batch_size", "teacher_dtype")
+
+    def __init__(self, teacher: Teacher, request: ExtractRequest, dataset, dev: torch.device):
+        self.model = set_teacher_dtype(teacher.model, request.teacher_dtype)
         for p in self.model.parameters():  # forces may need autograd w.r.t. positions, never w.r.t. weights
             p.requires_grad_(False)
-        self.keys, self.has_energy = resolve_features(self.model, features)
+        self.keys, self.has_energy = resolve_features(self.model, request.features)
         self.hidden = [k for k in self.keys if k in F.HIDDEN_KEYS]
-        self.dataset, self.dev, self.teacher_dtype, self.batch_size = dataset, dev, teacher_dtype, batch_size
-        # batches decide the values (a batch's sums), so a resume must batch the same way
-        self.request = {"batch_size": batch_size, "teacher_dtype": teacher_dtype}
+        self.dataset, self.dev = dataset, dev
+        self.teacher_dtype, self.batch_size = request.teacher_dtype, request.batch_size
 
     def __enter__(self) -> "ModelRunner":
         return self
@@ -305,9 +276,8 @@ class ModelRunner:
         return pred
 
 
-def resolve_teacher(teacher, checkpoint: str | None, features, dataset, dev: torch.device, seed: int,
-                    teacher_dtype: str, batch_size: int, workers: int):
-    """The teacher and its runner for ``--teacher``/``--checkpoint``.
+def resolve_teacher(request: ExtractRequest, dataset, dev: torch.device):
+    """The teacher and its runner for the request's ``teacher``/``checkpoint``.
 
     A calculator teacher is accepted only as a
     :class:`~kdcache.teachers.calculator.CalculatorSpec` object (what ``kdcache extract
@@ -316,15 +286,10 @@ def resolve_teacher(teacher, checkpoint: str | None, features, dataset, dev: tor
     and runs the module it names (see :mod:`kdcache.teachers.calculator`).
 
     Args:
-        teacher: preset name, ``CalculatorSpec``, or None.
-        checkpoint: model checkpoint, or None.
-        features: the ``--features`` choice.
+        request: the extraction's settings (``teacher``, ``checkpoint``, ``seed``, ``workers``
+            and what the runner uses).
         dataset: the dataset.
         dev: where a model runs.
-        seed: initialisation seed of a checkpoint-less model.
-        teacher_dtype: a model's precision.
-        batch_size: samples per model forward.
-        workers: calculator processes (model teachers: 1).
 
     Raises:
         ConfigError: a calculator spec given as a string, a calculator with a checkpoint, or
@@ -332,26 +297,22 @@ def resolve_teacher(teacher, checkpoint: str | None, features, dataset, dev: tor
     """
     from kdcache.teachers.calculator import CalculatorSpec, CalculatorTeacher, is_calculator_spec
 
+    teacher, checkpoint = request.teacher, request.checkpoint
     if isinstance(teacher, CalculatorSpec):
         if checkpoint is not None:
             raise ConfigError(f"--teacher {teacher.name} is an ASE calculator; it takes no --checkpoint")
         calc = CalculatorTeacher(teacher)
-        return calc, calc.runner(features, dataset, workers)
+        return calc, calc.runner(request.features, dataset, request.workers)
     if is_calculator_spec(teacher):
         raise ConfigError(
             f"teacher {teacher!r}: an ASE calculator teacher imports and runs the module it names, so it is "
             "taken only from the command line (`kdcache extract --teacher ase:MODULE:FACTORY`), or in Python as "
             "kdcache.teachers.calculator.CalculatorSpec; not from a recipe or another setting")
-    if int(workers) != 1:
+    if request.workers != 1:
         raise ConfigError("--workers is for ASE calculator teachers (--teacher ase:...); a model teacher runs "
                           "batches in one process per device (several GPUs: torchrun)")
-    model_teacher = load_teacher(teacher, checkpoint, dev, seed=seed)
-    return model_teacher, ModelRunner(model_teacher, features, dataset, dev, teacher_dtype, batch_size)
-
-
-def _fingerprint(dataset, path) -> dict:
-    fp = dataset.fingerprint() if hasattr(dataset, "fingerprint") else {"num_samples": len(dataset)}
-    return jsonable(fp)
+    model_teacher = load_teacher(teacher, checkpoint, dev, seed=request.seed)
+    return model_teacher, ModelRunner(model_teacher, request, dataset, dev)
 
 
 @dataclass
@@ -380,100 +341,64 @@ class ExtractResult:
         return self.seconds_write / busy if busy else 0.0
 
 
-def _option_name(setting: str) -> str:
-    return "--" + setting.replace("_", "-")
-
-
-def check_settings(settings: dict[str, Any], name=_option_name) -> None:
-    """Refuse setting values no store can be made with, before any work: the one place their
-    rules live, for :func:`extract` (the command line) and a recipe's ``store.options``
-    (``kdcache pipeline validate``, before a teacher is trained).
-
-    Args:
-        settings: setting -> value, for any of ``dtype``, ``label_dtype``, ``teacher_dtype``,
-            ``codec``, ``batch_size``, ``limit``, ``shard_atoms`` and ``chunk_atoms`` (other
-            settings are not checked here). Where only one of ``shard_atoms`` and
-            ``chunk_atoms`` is given, the other is its default for the rule that ties them.
-        name: how a message names a setting (default: its option, ``--shard-atoms``).
-
-    Raises:
-        ConfigError: ``"<name(setting)>: <what is wrong>"``.
-    """
-    choices = {"dtype": F.FEATURE_DTYPES, "label_dtype": F.LABEL_DTYPES, "teacher_dtype": TEACHER_DTYPES,
-               "codec": F.CODECS}
-    for key, allowed in choices.items():
-        if key in settings and settings[key] not in allowed:
-            raise ConfigError(f"{name(key)}: {settings[key]!r} is not one of {', '.join(allowed)}")
-    for key in ("batch_size", "limit", "shard_atoms", "chunk_atoms"):
-        if settings.get(key) is not None and settings[key] <= 0:
-            left_out = " (leave it out to store every sample)" if key == "limit" else ""
-            raise ConfigError(f"{name(key)}: must be positive, got {settings[key]}{left_out}")
-    if "shard_atoms" in settings or "chunk_atoms" in settings:
-        # a shard file holds whole inner chunks (format.Layout.plan)
-        shard = settings.get("shard_atoms", F.DEFAULT_SHARD_ATOMS)
-        chunk = settings.get("chunk_atoms", F.DEFAULT_CHUNK_ATOMS)
-        if shard % chunk:
-            key = "shard_atoms" if "shard_atoms" in settings else "chunk_atoms"
-            raise ConfigError(f"{name(key)}: shard_atoms ({shard}) must be a multiple of chunk_atoms ({chunk})")
-
-
 def extract(
     data: str | os.PathLike,
     out: str | os.PathLike,
     teacher: str | CalculatorSpec | None = None,
     checkpoint: str | None = None,
     features: Sequence[str] | None = None,
-    dtype: str = "float16",
-    label_dtype: str = "float32",
-    codec: str = "none",
-    batch_size: int = 16,
+    dtype: str = _DEFAULT["dtype"],
+    label_dtype: str = _DEFAULT["label_dtype"],
+    codec: str = _DEFAULT["codec"],
+    batch_size: int = _DEFAULT["batch_size"],
     device: str | None = None,
     limit: int | None = None,
-    shard_atoms: int = F.DEFAULT_SHARD_ATOMS,
-    chunk_atoms: int = F.DEFAULT_CHUNK_ATOMS,
-    overwrite: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    teacher_dtype: str = "float32",
-    workers: int = 1,
+    shard_atoms: int = _DEFAULT["shard_atoms"],
+    chunk_atoms: int = _DEFAULT["chunk_atoms"],
+    overwrite: bool = _DEFAULT["overwrite"],
+    seed: int = _DEFAULT["seed"],
+    progress: bool = _DEFAULT["progress"],
+    teacher_dtype: str = _DEFAULT["teacher_dtype"],
+    workers: int = _DEFAULT["workers"],
 ) -> ExtractResult:
     """Run ``teacher`` over ``data`` into the store ``out`` (create, resume, or refuse).
+
+    Each argument is the :class:`~kdcache.store.request.ExtractRequest` field of its name,
+    with its default (the field's description says what it does; ``kdcache extract --help``
+    prints them).
 
     Args:
         data: dataset path (anything :func:`kdcache.data.open_dataset` reads).
         out: store folder (``*.zarr``).
-        teacher: preset name; optional when ``checkpoint`` names its model. Or an ASE
-            calculator as a :class:`~kdcache.teachers.calculator.CalculatorSpec` (the command
-            line's ``--teacher ase:MODULE:FACTORY[:JSON]``; a string is refused, see
-            :func:`resolve_teacher`).
+        teacher: preset name, or an ASE calculator as a
+            :class:`~kdcache.teachers.calculator.CalculatorSpec` (a string is refused, see
+            :func:`resolve_teacher`); optional when ``checkpoint`` names its model.
         checkpoint: teacher checkpoint (its configuration wins over the preset's).
-        features: subset of ``node, e2n, e2v, vector, atom_energy, outputs`` (default: all the
-            teacher offers; a calculator offers ``atom_energy`` where it gives per-atom energies,
-            and ``outputs``).
-        dtype: hidden-feature dtype: ``float16``, ``bfloat16`` or ``float32``.
-        label_dtype: dtype of energies/per-atom energies/forces: ``float32`` or ``float64``.
-        codec: ``none`` (default, fastest reads), ``zstd`` or ``blosc-lz4``.
-        batch_size: samples per teacher forward (part of the store's identity: a resume must
-            use the same, so that batches, and hence values, are the same). Not used by a
-            calculator, which computes each structure on its own.
-        device: ``cpu``, ``cuda``, ``cuda:1``...; default ``cuda:LOCAL_RANK`` when CUDA exists.
-        limit: store only the first ``limit`` samples.
-        shard_atoms: atoms per shard (~64 k).
-        chunk_atoms: atoms per inner chunk (64-256).
-        overwrite: replace an existing store made with different settings (only a store: any
-            other existing folder or file is refused, never deleted).
-        seed: initialisation seed of a checkpoint-less (random) teacher.
-        progress: show a progress bar (rank 0).
-        teacher_dtype: dtype the teacher runs in (``float32``; ``float64`` for parity checks).
-        workers: processes a calculator teacher runs in (default 1: this process); a resume may
-            use another number, the values do not depend on it.
+        features, dtype, label_dtype, codec, batch_size, device, limit, shard_atoms,
+            chunk_atoms, overwrite, seed, progress, teacher_dtype, workers: see
+            :class:`~kdcache.store.request.ExtractRequest`.
+
+    Raises:
+        ConfigError: a setting no store can be made with (before any work).
+    """
+    request = ExtractRequest.of(
+        data=data, out=out, teacher=teacher, checkpoint=checkpoint, features=features, dtype=dtype,
+        label_dtype=label_dtype, codec=codec, batch_size=batch_size, device=device, limit=limit,
+        shard_atoms=shard_atoms, chunk_atoms=chunk_atoms, overwrite=overwrite, seed=seed, progress=progress,
+        teacher_dtype=teacher_dtype, workers=workers)
+    return run_extract(request)
+
+
+def run_extract(request: ExtractRequest) -> ExtractResult:
+    """Run one extraction (see :func:`extract`): on every rank under ``torchrun``.
+
+    Args:
+        request: every setting of the run.
     """
     t_start = time.perf_counter()
-    check_settings(dict(dtype=dtype, label_dtype=label_dtype, teacher_dtype=teacher_dtype, codec=codec,
-                        batch_size=batch_size, limit=limit, shard_atoms=shard_atoms, chunk_atoms=chunk_atoms))
-    out = ensure_output_folder(out)
+    out = ensure_output_folder(request.out)
     # this process's GPU is chosen (and made current) before the first collective
-    dev = D.pick_device(device)
+    dev = D.pick_device(request.device)
     if dev.type == "cuda":
         # GPU scatter-adds use atomics (order-dependent sums); deterministic kernels make a
         # resumed or multi-GPU run write the same bits as an uninterrupted one
@@ -487,11 +412,7 @@ def extract(
             # one writer per store: rank 0 holds the lock for the whole job (module docstring
             # of kdcache.store.lock); the other ranks start only once it has it
             _on_rank0(rank, "lock", out, lambda: _lock_and_clean(lock, out))
-            return _extract(
-                data, out, teacher, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
-                shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, t_start, teacher_dtype,
-                workers,
-            )
+            return _extract(_Job.start(request, out, dev, rank, world_size, t_start))
     finally:
         lock.release()
         D.cleanup()
@@ -537,181 +458,232 @@ def _lock_and_clean(lock: WriteLock, out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _extract(data, out, teacher_name, checkpoint, features, dtype, label_dtype, codec, batch_size, dev, limit,
-             shard_atoms, chunk_atoms, overwrite, seed, progress, rank, world_size, t_start,
-             teacher_dtype, workers) -> ExtractResult:
-    dataset = open_data(data)
-    n_total = len(dataset)
-    n = n_total if limit is None else max(0, min(int(limit), n_total))
-    teacher, runner = resolve_teacher(teacher_name, checkpoint, features, dataset, dev, seed, teacher_dtype,
-                                      batch_size, workers)
-    keys, has_energy = runner.keys, runner.has_energy
-    dtypes = {k: (dtype if k in F.HIDDEN_KEYS else label_dtype) for k in keys}
-    dtypes[K.ENERGY] = label_dtype
-    fingerprint = _fingerprint(dataset, data)
-    request = {
-        "teacher": teacher.identity(),
-        "dataset": fingerprint,
-        "num_samples": n,
-        "features": keys,
-        "outputs": has_energy,
-        "dtypes": dtypes,
-        "codec": codec,
-        "shard_atoms": shard_atoms,
-        "chunk_atoms": chunk_atoms,
-        **runner.request,
-    }
+@dataclass
+class _Job:
+    """One rank's extraction: the request, where it runs, the dataset, the teacher and its runner."""
 
-    # --- rank 0: create, resume or refuse; the others learn the outcome ---------------------
-    resumed = _on_rank0(rank, "prepare", out, lambda: _prepare_store(
-        out, request, overwrite, dataset, n, dtypes, teacher, runner, codec, shard_atoms, chunk_atoms, fingerprint,
-        progress))
+    request: ExtractRequest
+    out: Path
+    dev: torch.device
+    rank: int
+    world_size: int
+    t_start: float
+    dataset: Any
+    num_samples: int
+    teacher: Any
+    runner: Any
+    record: StoreRecord
 
-    writer = StoreWriter.open(out)
+    @classmethod
+    def start(cls, request: ExtractRequest, out: Path, dev: torch.device, rank: int, world_size: int,
+              t_start: float) -> "_Job":
+        """Open the dataset, resolve the teacher and make the store's record.
+
+        Args:
+            request: the settings.
+            out: the store (checked folder).
+            dev: where a model runs.
+            rank, world_size: this process among the job's.
+            t_start: when the run began (``time.perf_counter``).
+        """
+        dataset = open_dataset(request.data)
+        n = request.num_samples(len(dataset))
+        teacher, runner = resolve_teacher(request, dataset, dev)
+        record = request.store_record(teacher.identity(), F.jsonable(dataset.fingerprint()), n, runner.keys,
+                                      runner.has_energy, runner.value_settings)
+        return cls(request, out, dev, rank, world_size, t_start, dataset, n, teacher, runner, record)
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """Logical dtype of each stored key (the record's)."""
+        return self.record.dtypes
+
+    def result(self, num_samples: int, groups: int, resumed: bool, timing: "_Writes | None" = None) -> ExtractResult:
+        """What this rank did: ``groups`` written (with ``timing``'s seconds) of a store of ``num_samples``."""
+        t = timing or _Writes.idle()
+        return ExtractResult(str(self.out), num_samples, groups, time.perf_counter() - self.t_start, t.seconds_forward,
+                             t.seconds_write, resumed, self.rank, self.world_size, t.seconds_blocked)
+
+
+def _extract(job: _Job) -> ExtractResult:
+    """Create, resume or refuse the store (rank 0), then compute and write this rank's groups."""
+    resumed = _on_rank0(job.rank, "prepare", job.out, lambda: _prepare_store(job))
+    writer = StoreWriter.open(job.out)
     lay = writer.layout
     if writer.complete:
-        if rank == 0:
-            import shutil
-
+        if job.rank == 0:
             shutil.rmtree(writer.progress, ignore_errors=True)  # left by a kill right after finishing
-            print(f"{out}: already complete ({lay.num_samples} samples); nothing to do", file=sys.stderr)
-        return ExtractResult(str(out), lay.num_samples, 0, time.perf_counter() - t_start, 0.0, 0.0, True, rank, world_size)
-
-    mine = lay.rank_groups(rank, world_size)
-    done = writer.done_groups()
-    todo = [g for g in mine if g not in done]
-    n_mine = sum(len(lay.group_samples(g)) for g in mine)
-    n_done = n_mine - sum(len(lay.group_samples(g)) for g in todo)
+            print(f"{job.out}: already complete ({lay.num_samples} samples); nothing to do", file=sys.stderr)
+        return job.result(lay.num_samples, 0, True)
+    mine = lay.rank_groups(job.rank, job.world_size)
+    todo = [g for g in mine if g not in writer.done_groups()]
     bar = None
-    if progress and rank == 0:
+    if job.request.progress and job.rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_mine, initial=n_done, unit="sample", desc=f"extract {teacher.name}", file=sys.stderr,
-                   mininterval=0.5, smoothing=0.1)
-    t_fwd = t_write = t_blocked = 0.0
-    delay = float(os.environ.get("KDCACHE_TEST_GROUP_DELAY", "0") or 0)  # tests: widen the kill window
-    storage = {k: F.storage_dtype(dtypes[k]) for k in keys}
-    shapes = {k: tuple(writer.root[k].shape[1:]) for k in keys}
-
-    def write(g, rows, energy, hashes) -> float:
-        t = time.perf_counter()
-        writer.write_group(g, rows, energy, hashes)
-        return time.perf_counter() - t
-
-    # Writes run in one background thread, overlapping the next group's forward; at most one
-    # group waits, so memory stays at two groups' buffers. A group's marker is written after its
-    # shards, by the same task, so a kill at any moment leaves no marker without data.
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-store-write")
-    pending: tuple[int, Future] | None = None
-
-    def settle() -> None:
-        nonlocal pending, t_write, t_blocked
-        if pending is None:
-            return
-        g_prev, fut = pending
-        t = time.perf_counter()
-        t_write += fut.result()
-        t_blocked += time.perf_counter() - t
-        pending = None
-        done.add(g_prev)
-        if rank == 0 and world_size == 1:
-            writer.record_partial_ranges(done)  # informational (`kdcache store info`)
-        if bar is not None:
-            bar.set_postfix_str(f"write {100 * t_blocked / max(t_fwd + t_blocked, 1e-9):.1f}%", refresh=False)
-
+        n_mine = sum(len(lay.group_samples(g)) for g in mine)
+        bar = tqdm(total=n_mine, initial=n_mine - sum(len(lay.group_samples(g)) for g in todo), unit="sample",
+                   desc=f"extract {job.teacher.name}", file=sys.stderr, mininterval=0.5, smoothing=0.1)
+    writes = _Writes(writer, record_ranges=job.rank == 0 and job.world_size == 1, bar=bar)
     advance = bar.update if bar is not None else (lambda k: None)
     try:
-        with runner:  # a calculator's worker processes live while groups are computed
+        with job.runner:  # a calculator's worker processes live while groups are computed
             for g in todo:
                 t0 = time.perf_counter()
-                lo, hi = lay.group_atoms(g)
-                rows = {k: np.zeros((hi - lo, *shapes[k]), dtype=storage[k]) for k in keys}
-                samples = lay.group_samples(g)
-                energy = np.zeros(len(samples), dtype=np.float64)
-                hashes = np.zeros(len(samples), dtype=np.uint64)
-                step = runner.batch_size or len(samples)
-                for b0 in range(samples.start, samples.stop, step):
-                    ids = range(b0, min(b0 + step, samples.stop))
-                    items = [dataset[i] for i in ids]
-                    for i, item in zip(ids, items):
-                        if int(item[K.POSITIONS].shape[0]) != int(lay.natoms[i]):
-                            raise DataError(data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the "
-                                            f"store was laid out for {int(lay.natoms[i])}: the dataset changed; "
-                                            "use --overwrite")
-                        hashes[i - samples.start] = np.int64(_sample_hash(item)).view(np.uint64)
-                    pred = runner(items, ids, advance)
-                    a = int(lay.atom_start[ids.start]) - lo
-                    b = a + int(lay.natoms[ids.start : ids.stop].sum())
-                    for k in keys:
-                        rows[k][a:b] = F.to_storage(pred[k], dtypes[k])
-                    energy[ids.start - samples.start : ids.stop - samples.start] = (
-                        pred[K.ENERGY].detach().double().cpu().numpy() if has_energy else 0.0
-                    )
-                t_fwd += time.perf_counter() - t0
-                settle()
-                pending = (g, pool.submit(write, g, rows, energy, hashes))
-                if delay:
-                    settle()
-                    time.sleep(delay)
-            settle()
+                rows, energy, hashes = _compute_group(job, writer, g, advance)
+                writes.seconds_forward += time.perf_counter() - t0
+                writes.submit(g, rows, energy, hashes)
+            writes.settle()
     finally:
-        if pending is not None:  # an error in a forward: let the write in flight finish cleanly
-            pending[1].exception()
-        pool.shutdown(wait=True)
+        writes.close()
     if bar is not None:
         bar.close()
-
-    if rank == 0:
-        while writer.missing_groups():  # other ranks are still writing their shards
-            time.sleep(0.5)
-        total = time.perf_counter() - t_start
-        writer.finalize(extra={"extraction": {
-            "world_size": world_size,
-            "device": str(dev),
-            "rank0_seconds_forward": round(t_fwd, 3),
-            "rank0_seconds_write": round(t_write, 3),
-            "rank0_seconds_waiting_for_writes": round(t_blocked, 3),
-            "rank0_seconds_total": round(total, 3),
-        }})
-    return ExtractResult(str(out), lay.num_samples, len(todo), time.perf_counter() - t_start, t_fwd, t_write,
-                         bool(resumed), rank, world_size, t_blocked)
+    if job.rank == 0:
+        _finish(job, writer, writes)
+    return job.result(lay.num_samples, len(todo), bool(resumed), writes)
 
 
-def _prepare_store(out, request, overwrite, dataset, n, dtypes, teacher, runner, codec, shard_atoms, chunk_atoms,
-                   fingerprint, progress) -> bool:
+def _compute_group(job: _Job, writer: StoreWriter, g: int, advance) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Group ``g``'s rows (whole shards, in the storage dtypes), energies and sample hashes,
+    computed in batches that start at the group's first sample."""
+    lay, keys, dtypes = writer.layout, job.runner.keys, job.dtypes
+    lo, hi = lay.group_atoms(g)
+    rows = {k: np.zeros((hi - lo, *writer.root[k].shape[1:]), dtype=F.storage_dtype(dtypes[k])) for k in keys}
+    samples = lay.group_samples(g)
+    energy = np.zeros(len(samples), dtype=np.float64)
+    hashes = np.zeros(len(samples), dtype=np.uint64)
+    step = job.runner.batch_size or len(samples)
+    for b0 in range(samples.start, samples.stop, step):
+        ids = range(b0, min(b0 + step, samples.stop))
+        items = [_laid_out_sample(job, lay, i) for i in ids]
+        hashes[ids.start - samples.start : ids.stop - samples.start] = [
+            np.int64(sample_hash(item)).view(np.uint64) for item in items]
+        pred = job.runner(items, ids, advance)
+        a = int(lay.atom_start[ids.start]) - lo
+        b = a + int(lay.natoms[ids.start : ids.stop].sum())
+        for k in keys:
+            rows[k][a:b] = F.to_storage(pred[k], dtypes[k])
+        if job.runner.has_energy:  # without outputs the store's energies are never read (no "energy" key)
+            energy[ids.start - samples.start : ids.stop - samples.start] = pred[K.ENERGY].detach().double().cpu().numpy()
+    return rows, energy, hashes
+
+
+def _laid_out_sample(job: _Job, lay: F.Layout, i: int):
+    """Sample ``i``, refused when its size is not the one the store was laid out for."""
+    item = job.dataset[i]
+    if int(item[K.POSITIONS].shape[0]) != int(lay.natoms[i]):
+        raise DataError(job.request.data, i, K.POSITIONS, f"has {item[K.POSITIONS].shape[0]} atoms but the store "
+                        f"was laid out for {int(lay.natoms[i])}: the dataset changed; use --overwrite")
+    return item
+
+
+class _Writes:
+    """Group writes in one background thread, overlapping the next group's forward. At most one
+    group waits, so memory stays at two groups' buffers; a group's marker is written after its
+    shards, by the same task, so a kill at any moment leaves no marker without data.
+
+    Args:
+        writer: the store.
+        record_ranges: record the ranges written so far in the attributes (a single process).
+        bar: the progress bar (shows the share of time spent waiting for writes), or None.
+    """
+
+    def __init__(self, writer: StoreWriter | None, record_ranges: bool = False, bar=None):
+        self.writer, self.record_ranges, self.bar = writer, record_ranges, bar
+        self.done = writer.done_groups() if writer is not None else set()
+        self.seconds_forward = self.seconds_write = self.seconds_blocked = 0.0
+        self.pending: tuple[int, Future] | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-store-write") if writer else None
+
+    @classmethod
+    def idle(cls) -> "_Writes":
+        """No writes (a store that was already complete)."""
+        return cls(None)
+
+    def _write(self, g: int, rows: dict, energy: np.ndarray, hashes: np.ndarray) -> float:
+        t = time.perf_counter()
+        self.writer.write_group(g, rows, energy, hashes)
+        return time.perf_counter() - t
+
+    def submit(self, g: int, rows: dict, energy: np.ndarray, hashes: np.ndarray) -> None:
+        """Write group ``g`` in the background, once the previous group's write is done."""
+        self.settle()
+        self.pending = (g, self.pool.submit(self._write, g, rows, energy, hashes))
+
+    def settle(self) -> None:
+        """Wait for the write in flight (its errors are raised here)."""
+        if self.pending is None:
+            return
+        g, fut = self.pending
+        t = time.perf_counter()
+        self.seconds_write += fut.result()
+        self.seconds_blocked += time.perf_counter() - t
+        self.pending = None
+        self.done.add(g)
+        if self.record_ranges:
+            self.writer.record_partial_ranges(self.done)  # informational (`kdcache store info`)
+        if self.bar is not None:
+            share = 100 * self.seconds_blocked / max(self.seconds_forward + self.seconds_blocked, 1e-9)
+            self.bar.set_postfix_str(f"write {share:.1f}%", refresh=False)
+
+    def close(self) -> None:
+        """Stop the thread; after an error in a forward, the write in flight still finishes cleanly."""
+        if self.pending is not None:
+            self.pending[1].exception()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _finish(job: _Job, writer: StoreWriter, writes: _Writes) -> None:
+    """Rank 0: wait for every group's marker, then mark the store complete."""
+    while writer.missing_groups():  # other ranks are still writing their shards
+        time.sleep(0.5)
+    writer.finalize(extra={"extraction": {
+        "world_size": job.world_size,
+        "device": str(job.dev),
+        "rank0_seconds_forward": round(writes.seconds_forward, 3),
+        "rank0_seconds_write": round(writes.seconds_write, 3),
+        "rank0_seconds_waiting_for_writes": round(writes.seconds_blocked, 3),
+        "rank0_seconds_total": round(time.perf_counter() - job.t_start, 3),
+    }})
+
+
+def _prepare_store(job: _Job) -> bool:
     """Create the store, or check an existing one can be resumed. Returns True when resuming."""
+    out, request = job.out, job.request
     # an empty folder (made by hand, or by a scheduler) is a store yet to be created: the
     # rename below may replace it
     exists = out.exists() and any(out.iterdir())
-    if exists and not overwrite:
-        StoreWriter.open(out).check_request(request)
+    if exists and not request.overwrite:
+        StoreWriter.open(out).check_request(job.record.as_attrs())
         return True
     if exists:
         if not (out / "zarr.json").is_file():
             raise StoreError(f"{out} is a folder but not a feature store; --overwrite replaces only stores: "
                              "remove it yourself or choose another --out")
         remove_store(out)
-    if n == 0:
-        raise ConfigError(f"{dataset!r} has no samples to extract")
-    row_shapes = runner.row_shapes(dataset)
-    natoms = dataset_natoms(dataset, n, progress=progress)
+    if job.num_samples == 0:
+        raise ConfigError(f"{job.dataset!r} has no samples to extract")
+    row_shapes = job.runner.row_shapes(job.dataset)
+    natoms = job.dataset.atom_counts(job.num_samples, progress=request.progress)
     # A dataset smaller than one shard gets one shard of its own size: padding a few thousand
     # atoms out to 64 k would make small stores mostly zeros on disk.
-    needed = -(-int(np.sum(natoms)) // chunk_atoms) * chunk_atoms
-    layout = F.Layout.plan(natoms, shard_atoms=min(shard_atoms, max(needed, chunk_atoms)), chunk_atoms=chunk_atoms)
-    sample_index = np.arange(n, dtype=np.int64)
+    chunk = request.chunk_atoms
+    needed = -(-int(np.sum(natoms)) // chunk) * chunk
+    layout = F.Layout.plan(natoms, shard_atoms=min(request.shard_atoms, max(needed, chunk)), chunk_atoms=chunk)
     provenance = {
-        "teacher": teacher.describe(),
-        "dataset": {**fingerprint, "path": str(Path(getattr(dataset, "path", "")).resolve()) if getattr(dataset, "path", None) else None},
-        "graph": teacher.graph,
-        "features": runner.keys,
-        "has_energy": runner.has_energy,
-        "warnings": list(teacher.warnings),
+        "teacher": job.teacher.describe(),
+        "dataset": {**job.record.dataset, "path": str(Path(job.dataset.path).resolve())},
+        "graph": job.teacher.graph,
+        "features": job.runner.keys,
+        "has_energy": job.runner.has_energy,
+        "warnings": list(job.teacher.warnings),
     }
     # build the empty store beside its final place and rename it: a kill during creation leaves
     # no half-made store under the requested name
     tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
     remove_store(tmp)
-    StoreWriter.create(tmp, layout, sample_index, row_shapes, dtypes, request, provenance, codec=codec)
+    StoreWriter.create(tmp, layout, np.arange(job.num_samples, dtype=np.int64), row_shapes, job.dtypes,
+                       job.record.as_attrs(), provenance, codec=request.codec)
     os.rename(tmp, out)
     return False

@@ -60,6 +60,30 @@ DEFAULT_SHARD_ATOMS = 65536
 DEFAULT_CHUNK_ATOMS = 128
 
 
+def jsonable(obj):
+    """``obj`` as plain JSON types (tuples -> lists, numpy/torch scalars -> numbers): what a
+    store's attributes hold, and what a resume and the identity compare."""
+
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if isinstance(o, (set, frozenset)):
+            return sorted(o)
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def sample_hashes_digest(hashes: np.ndarray) -> str:
+    """SHA-256 over the little-endian uint64 sample hashes in store order (the attribute
+    ``dataset.sample_hashes_sha256``)."""
+    return hashlib.sha256(np.ascontiguousarray(hashes, dtype="<u8").tobytes()).hexdigest()
+
+
 def storage_dtype(dtype: str) -> np.dtype:
     """The numpy dtype on disk for a logical dtype (bfloat16 -> its raw uint16 bits)."""
     if dtype == "bfloat16":

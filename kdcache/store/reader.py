@@ -95,11 +95,11 @@ class FeatureStore:
         self.sample_index = self._values(K.SAMPLE_INDEX, np.int64)
         self.natoms = self._values(K.NATOMS, np.int64)
         self.atom_start = self._values(F.ATOM_START, np.int64)
-        self.energy = self._values(K.ENERGY, np.float64)
+        # a store without outputs holds no energies: its (zero) array is never served as one
+        self.energy: np.ndarray | None = self._values(K.ENERGY, np.float64) if self.has_energy else None
         self.sample_hash = self._values(F.SAMPLE_HASH, np.uint64)
         # dataset index -> store row
         n = len(self.sample_index)
-        self._row_of: np.ndarray | None = None
         self._contiguous = n > 0 and np.array_equal(self.sample_index, np.arange(self.sample_index[0], self.sample_index[0] + n))
         if n and not self._contiguous:
             order = np.argsort(self.sample_index, kind="stable")
@@ -200,8 +200,6 @@ class FeatureStore:
         file names, sizes and sample count; ``kdcache store verify`` checks every sample)."""
         store = cls(path, require_complete=require_complete)
         if dataset is not None:
-            from kdcache.store.verify import check_fingerprint
-
             check_fingerprint(store, dataset)
         return store
 
@@ -222,9 +220,14 @@ class FeatureStore:
         return Standardizer.from_summary(key, summary)
 
     @property
+    def has_energy(self) -> bool:
+        """The store holds the teacher's energies (and forces): extracted with ``outputs``."""
+        return bool(self.provenance.get("has_energy"))
+
+    @property
     def feature_keys(self) -> tuple[str, ...]:
         keys = list(self.per_atom_keys)
-        if self.provenance.get("has_energy"):
+        if self.has_energy:
             keys.append(K.ENERGY)
         return tuple(keys)
 
@@ -356,7 +359,8 @@ class FeatureStore:
                 wide.copy_(t)
                 t = wide if want == torch.float32 else wide.to(want)
             out[key] = t
-        out[K.ENERGY] = torch.from_numpy(self.energy[rows].astype(np.float32))
+        if self.energy is not None:  # absent, not zeros, where the teacher's energies were not stored
+            out[K.ENERGY] = torch.from_numpy(self.energy[rows].astype(np.float32))
         out[K.NATOMS] = torch.from_numpy(natoms.copy())
         out[F.SAMPLE_HASH] = torch.from_numpy(self.sample_hash[rows].view(np.int64).copy())
         out[K.SAMPLE_INDEX] = torch.from_numpy(self.sample_index[rows].copy())
@@ -371,8 +375,9 @@ class FeatureStore:
         """Targets of dataset samples ``indices`` as tensors (eV, eV/Å).
 
         Per-atom arrays are concatenated in the given order of samples; ``energy [S]``
-        (float32), ``natoms [S]`` (long), ``sample_hash [S]`` (uint64 bits as int64) and
-        ``sample_index [S]`` come per sample.
+        (float32; only from a store that holds energies, see :attr:`has_energy`), ``natoms
+        [S]`` (long), ``sample_hash [S]`` (uint64 bits as int64) and ``sample_index [S]`` come
+        per sample.
 
         Args:
             indices: dataset indices (``sample_index`` of the samples).
@@ -394,6 +399,33 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, samples={self.num_samples}, keys={self.feature_keys}, complete={self.complete})"
+
+
+def check_fingerprint(store: FeatureStore, dataset) -> None:
+    """Refuse (StoreError) a dataset whose cheap fingerprint (files, sizes, count) differs from
+    the one the store was extracted from.
+
+    Args:
+        store: the opened store.
+        dataset: the dataset it should come from.
+    """
+    stored = (store.provenance.get("request") or {}).get("dataset")
+    if stored is None:
+        raise StoreError(f"{store.path}: the store records no dataset fingerprint")
+    fingerprint = getattr(dataset, "fingerprint", None)
+    # a dataset without a fingerprint (a wrapper, a subset) is checked by size only; per-sample
+    # hashes (`verify`, the trainer's join check) still catch different structures
+    current = F.jsonable(fingerprint()) if callable(fingerprint) else stored
+    diffs = [f"{k}: store {stored.get(k)!r} vs dataset {current.get(k)!r}"
+             for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    if diffs:
+        raise StoreError(
+            f"{store.path} was not extracted from this dataset ({getattr(dataset, 'path', dataset)!s}): "
+            + "; ".join(diffs[:4])
+        )
+    n = len(dataset)
+    if store.num_samples and int(store.sample_index.max()) >= n:
+        raise StoreError(f"{store.path}: stores sample {int(store.sample_index.max())} but the dataset has {n} samples")
 
 
 class _ChunkedShard:

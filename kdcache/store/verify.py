@@ -12,37 +12,8 @@ import numpy as np
 
 from kdcache.errors import StoreError
 from kdcache.store import format as F
-from kdcache.store.reader import FeatureStore
-from kdcache.store.writer import PROGRESS_DIR, jsonable, sample_hashes_digest
-
-
-def _fingerprint_diffs(stored: dict, current: dict) -> list[str]:
-    out = []
-    for k in sorted(set(stored) | set(current)):
-        if stored.get(k) != current.get(k):
-            out.append(f"{k}: store {stored.get(k)!r} vs dataset {current.get(k)!r}")
-    return out
-
-
-def check_fingerprint(store: FeatureStore, dataset) -> None:
-    """Refuse (StoreError) a dataset whose cheap fingerprint (files, sizes, count) differs from
-    the one the store was extracted from."""
-    stored = (store.provenance.get("request") or {}).get("dataset")
-    if stored is None:
-        raise StoreError(f"{store.path}: the store records no dataset fingerprint")
-    fingerprint = getattr(dataset, "fingerprint", None)
-    # a dataset without a fingerprint (a wrapper, a subset) is checked by size only; per-sample
-    # hashes (`verify`, the trainer's join check) still catch different structures
-    current = jsonable(fingerprint()) if callable(fingerprint) else stored
-    diffs = _fingerprint_diffs(stored, current)
-    if diffs:
-        raise StoreError(
-            f"{store.path} was not extracted from this dataset ({getattr(dataset, 'path', dataset)!s}): "
-            + "; ".join(diffs[:4])
-        )
-    n = len(dataset)
-    if store.num_samples and int(store.sample_index.max()) >= n:
-        raise StoreError(f"{store.path}: stores sample {int(store.sample_index.max())} but the dataset has {n} samples")
+from kdcache.store.reader import FeatureStore, check_fingerprint
+from kdcache.store.writer import PROGRESS_DIR
 
 
 def _dir_bytes(path: Path) -> int:
@@ -240,7 +211,7 @@ def verify_store(path: str | os.PathLike, dataset=None, quick: bool = False, pro
             rep.dataset_skipped = "skipped, the store's per-sample arrays are damaged (its sample hashes cannot be trusted)"
         return rep
     store.load_samples()
-    rep.digest_ok = (store.provenance.get("dataset") or {}).get("sample_hashes_sha256") == sample_hashes_digest(store.sample_hash)
+    rep.digest_ok = (store.provenance.get("dataset") or {}).get("sample_hashes_sha256") == F.sample_hashes_digest(store.sample_hash)
     if dataset is not None:
         _check_dataset(store, dataset, rep, progress)
     return rep
@@ -248,7 +219,7 @@ def verify_store(path: str | os.PathLike, dataset=None, quick: bool = False, pro
 
 def _check_dataset(store: FeatureStore, dataset, rep: VerifyReport, progress: bool) -> None:
     """Fingerprint and every stored sample's hash against ``dataset`` (into ``rep``)."""
-    from kdcache.store.extract import _sample_hash
+    from kdcache.data.sample import sample_hash  # the join key's one definition (imports PyG: only here)
 
     rep.dataset_checked = True
     try:
@@ -264,10 +235,10 @@ def _check_dataset(store: FeatureStore, dataset, rep: VerifyReport, progress: bo
         it = tqdm(it, desc="verify samples", unit="sample")
     for row in it:
         idx = int(store.sample_index[row])
-        h = np.int64(_sample_hash(dataset[idx])).view(np.uint64)
+        h = np.int64(sample_hash(dataset[idx])).view(np.uint64)
         if h != store.sample_hash[row]:
             rep.hash_mismatches.append(idx)
     rep.samples_checked = store.num_samples
 
 
-__all__ = ["VerifyReport", "check_fingerprint", "human_bytes", "store_info", "verify_store"]
+__all__ = ["VerifyReport", "human_bytes", "store_info", "verify_store"]

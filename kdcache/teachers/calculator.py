@@ -262,8 +262,9 @@ class CalculatorRunner:
 
     #: a whole group is handed out at once, so that no worker idles at batch ends
     batch_size = None
-    #: nothing besides the teacher decides the values (batching and workers do not)
-    request: dict = {}
+    #: no setting besides the teacher decides the values (batching and workers do not); see
+    #: :meth:`kdcache.store.request.ExtractRequest.store_record`
+    value_settings: tuple = ()
 
     def __init__(self, teacher: CalculatorTeacher, features: Sequence[str] | None, dataset, workers: int = 1):
         if int(workers) < 1:
@@ -278,10 +279,8 @@ class CalculatorRunner:
         from kdcache.store import format as F
 
         offered = ([K.ATOM_ENERGY] if "energies" in self.teacher.properties else []) + [F.OUTPUTS]
-        wanted = offered if features is None else [f.strip() for f in features if f.strip()]
-        unknown = [f for f in wanted if f not in F.FEATURE_CHOICES]
-        if unknown:
-            raise ConfigError(f"unknown feature(s) {unknown}; choose from {list(F.FEATURE_CHOICES)}")
+        # names are checked by the request (kdcache.store.request.ExtractRequest)
+        wanted = offered if features is None else list(features)
         lacking = [f for f in wanted if f not in offered]
         if lacking:
             raise ConfigError(f"calculator teacher {self.teacher.name} ({self.teacher.calculator_class}) cannot give "

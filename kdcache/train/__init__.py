@@ -6,6 +6,15 @@
 
 from kdcache.train.config import TrainConfig
 from kdcache.train.strategies import STRATEGIES, STRATEGY_NAMES, parse_strategy
-from kdcache.train.trainer import Trainer, train
 
 __all__ = ["STRATEGIES", "STRATEGY_NAMES", "TrainConfig", "Trainer", "parse_strategy", "train"]
+
+
+def __getattr__(name: str):
+    # the trainer pulls in the data stack (torch_geometric, seconds to import): only when used, so
+    # that reading the settings schema (`kdcache --help`, recipe checks) stays fast
+    if name in ("Trainer", "train"):
+        from kdcache.train import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,26 +1,33 @@
-"""Run configuration of ``kdcache train``: one dataclass, read from YAML, overridden from the CLI.
+"""Run configuration of ``kdcache train``: one typed schema, read from YAML, overridden from the CLI.
+
+:class:`TrainConfig` is the one place a training setting is declared: its type, range, allowed
+values, default and description (a pydantic field). The ``train -c`` YAML loader, the pipeline
+recipe's ``train:`` sections (:mod:`kdcache.pipeline.recipe`) and the ``kdcache train`` options
+(``cli/train.py``) all derive from it, so they accept and refuse the same values; adding a setting
+is one field here.
 
 The resolved configuration is written to ``<out>/config.yaml``; re-running the same command
-finds it (and ``last.pt``) and resumes. Every setting's type and range is checked here, once, for
-the command line, ``train -c`` files and pipeline recipes alike.
+finds it (and ``last.pt``) and resumes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import yaml
+from pydantic import Field
 
 from kdcache.config_yaml import load_yaml
 from kdcache.errors import ConfigError
-from kdcache.train.data import AUGMENTATIONS
-from kdcache.train.strategies import FEATURE_LOSSES, STUDENT_MAPS, format_strategy, parse_strategy
+from kdcache.settings import Schema, choice, integer, number, text_list, validated
+from kdcache.train.strategies import FEATURE_LOSSES, STRATEGIES, STUDENT_MAPS, format_strategy, parse_strategy
+
+#: e.g. ``n2n 30, e2n 3, ...``: the help text follows the one table
+_DEFAULT_LAMBDAS = ", ".join(f"{s.name} {s.default_lambda:g}" for s in STRATEGIES.values())
 
 #: how stored feature targets are compared: ``standard`` divides by the store's per-channel
 #: statistics (scale-free: a term is ~1 for an uninformed student), ``none`` is the paper's raw MSE
@@ -31,111 +38,12 @@ ATOM_REFS = ("fit", "none")
 #: teacher's stored ones (``teacher``: the data need no labels), or the dataset's where a sample
 #: has them and the teacher's where not (``both``); see :func:`kdcache.train.data.apply_label_source`
 LABEL_SOURCES = ("reference", "teacher", "both")
+#: augmentations of the training structures (implemented in :mod:`kdcache.train.data`, which
+#: moves the stored targets along)
+AUGMENTATIONS = ("rotate",)
 
-_KIND_NAMES = {int: "int", float: "int or float", str: "str", bool: "true or false", list: "a list", dict: "a mapping"}
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """Type and range of one setting (bounds as in pydantic: gt/ge/lt/le).
-
-    Args:
-        kind: int, float (ints accepted), str, bool, list or dict.
-        optional: None is allowed.
-        gt, ge, lt, le: exclusive/inclusive lower and upper bounds.
-        choices: the allowed values.
-        items: rule of each list item.
-    """
-
-    kind: type
-    optional: bool = False
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-    choices: tuple = ()
-    items: "_Rule | None" = None
-
-    def check(self, value: Any, key: str, where: Callable[[str], str]) -> Any:
-        """``value``, normalised, or a ConfigError starting with ``where(key)``."""
-        label = where(key)
-        if value is None and self.optional:
-            return None
-        if self.kind is float and isinstance(value, str):
-            try:  # PyYAML (YAML 1.1) and hand-made dicts give `1e-4` as a string
-                value = float(value)
-            except ValueError:
-                pass
-        if self.kind is int and isinstance(value, float) and value.is_integer():
-            value = int(value)  # `max_steps: 1e4`
-        if self.kind is list and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]  # `augment: rotate`
-        accepted = (int, float) if self.kind is float else self.kind
-        if not isinstance(value, accepted) or (isinstance(value, bool) and self.kind is not bool):
-            raise ConfigError(f"{label}: expected {_KIND_NAMES[self.kind]}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{label}: must be finite, got {value!r}")
-        for bound, op, bad in ((self.gt, ">", lambda v, b: v <= b), (self.ge, ">=", lambda v, b: v < b),
-                               (self.lt, "<", lambda v, b: v >= b), (self.le, "<=", lambda v, b: v > b)):
-            if bound is not None and bad(value, bound):
-                raise ConfigError(f"{label}: must be {op} {bound:g}, got {value!r}")
-        if self.choices and value not in self.choices:
-            raise ConfigError(f"{label}: {value!r} is not one of {list(self.choices)}")
-        if self.items is not None:
-            value = [self.items.check(v, f"{key}[{i}]", where) for i, v in enumerate(value)]
-        return value
-
-
-_POSITIVE_INT = _Rule(int, ge=1)
-_COUNT = _Rule(int, ge=0)
-_PATH = _Rule(str, optional=True)
-_FRACTION = _Rule(float, ge=0, le=1)
-#: every setting but ``strategy`` (parsed by :func:`parse_strategy`); ``lambda_`` is ``lambda``
-_RULES: dict[str, _Rule] = {
-    "student": _Rule(str),
-    "student_overrides": _Rule(dict),
-    "data": _PATH,
-    "val": _PATH,
-    "store": _PATH,
-    "lambda_": _Rule(float, optional=True, ge=0),
-    "feature_loss": _Rule(str, choices=FEATURE_LOSSES),
-    "student_map": _Rule(str, choices=STUDENT_MAPS),
-    "feature_norm": _Rule(str, choices=FEATURE_NORMS),
-    "out": _Rule(str),
-    "max_steps": _Rule(int, optional=True, ge=1),
-    "epochs": _Rule(int, optional=True, ge=1),
-    "batch_size": _POSITIVE_INT,
-    "val_batch_size": _Rule(int, optional=True, ge=1),
-    "seed": _COUNT,  # numpy refuses negative seeds
-    "device": _Rule(str, optional=True),
-    "lr": _Rule(float, gt=0),
-    "weight_decay": _Rule(float, ge=0),
-    "eval_every": _COUNT,
-    "checkpoint_every": _COUNT,
-    "num_workers": _COUNT,
-    "energy_coef": _Rule(float, ge=0),
-    "force_coef": _Rule(float, ge=0),
-    "normalize_labels": _Rule(bool),
-    "energy_mean": _Rule(float, optional=True),
-    "energy_std": _Rule(float, optional=True, gt=0),
-    "atom_ref": _Rule(str, choices=ATOM_REFS),
-    "labels": _Rule(str, choices=LABEL_SOURCES),
-    "scheduler": _Rule(str, choices=SCHEDULERS),
-    "warmup_steps": _COUNT,
-    "warmup_factor": _FRACTION,  # 0: the reference warm-up starts from zero
-    "lr_milestones": _Rule(list, items=_COUNT),
-    "lr_gamma": _Rule(float, gt=0),
-    "decay_steps": _POSITIVE_INT,
-    "decay_rate": _Rule(float, gt=0),
-    "plateau_patience": _COUNT,
-    "plateau_factor": _Rule(float, gt=0, lt=1),
-    "ema_decay": _Rule(float, ge=0, lt=1),  # 0 disables
-    "clip_grad": _Rule(float, ge=0),  # 0 disables
-    "augment": _Rule(list, items=_Rule(str, choices=AUGMENTATIONS)),
-    "window": _Rule(int, optional=True, ge=1),
-    "progress": _Rule(bool),
-    "deterministic": _Rule(bool),
-}
+_COUNT = integer(ge=0)
+_POSITIVE = integer(ge=1)
 
 
 def setting_name(key: Any) -> str:
@@ -144,7 +52,8 @@ def setting_name(key: Any) -> str:
     return "lambda_" if k == "lambda" else k
 
 
-def _display(name: str) -> str:
+def display_name(name: str) -> str:
+    """The name a user writes for a field (``lambda_`` -> ``lambda``)."""
     return "lambda" if name == "lambda_" else name
 
 
@@ -152,143 +61,95 @@ def _key_in(source: str) -> Callable[[str], str]:
     return lambda key: f"{source}: key {key!r}"
 
 
-def check_setting(name: str, value: Any, where: Callable[[str], str]) -> Any:
-    """Check one setting (type and range) on its own; return it normalised.
+class TrainConfig(Schema):
+    """Every setting of a stage-two run. YAML keys are the field names (``lambda`` is ``lambda_``);
+    each field's description is its documentation (and the ``kdcache train --help`` text).
 
-    Args:
-        name: the setting as written (e.g. ``lambda``, ``batch-size``).
-        value: its value.
-        where: how a message names a key path, e.g. ``lr -> "recipe r.yaml: key 'students.train.lr'"``.
-
-    Raises:
-        ConfigError: ``"<where(name)>: <what is wrong>"``; settings without a rule pass unchanged.
-    """
-    rule = _RULES.get(setting_name(name))
-    return value if rule is None else rule.check(value, str(name), where)
-
-
-def _check_student(student: str, overrides: dict, where: Callable[[str], str]) -> None:
-    """The student exists (preset or model registry name) and takes every override."""
-    from kdcache.models import MODEL_CLASSES, model_class
-    from kdcache.models.presets import PRESETS
-
-    if student in PRESETS:
-        model = PRESETS[student][0]
-    elif student.lower().replace("-", "_") in MODEL_CLASSES:
-        model = student
-    else:
-        raise ConfigError(f"{where('student')}: unknown student {student!r}; presets: {', '.join(sorted(PRESETS))}; "
-                          f"models: {', '.join(sorted(MODEL_CLASSES))}")
-    params = inspect.signature(model_class(model).__init__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    takes = sorted(n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL)
-    for key in overrides:
-        if key not in takes:
-            raise ConfigError(f"{where(f'student_overrides.{key}')}: {model} takes no argument {key!r}; "
-                              f"it takes: {', '.join(takes)}")
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a stage-two run (YAML keys are these names; ``lambda`` means ``lambda_``).
-
-    Args:
-        student: preset name (``painn-tiny``, ``painn-big``...) or model registry name.
-        student_overrides: constructor arguments passed to the preset.
-        data: training dataset path.
-        val: validation dataset path (optional; without it there is no ``best.pt``).
-        store: feature store path (needed by every strategy but ``none``).
-        strategy: ``none``, a name, ``"n2n:100,v2v:10"`` or a list (see ``parse_strategy``).
-        lambda_: weight of a strategy given without one (default: the strategy's own
-            ``default_lambda`` in :data:`kdcache.train.strategies.STRATEGIES`).
-        feature_loss: ``mse`` | ``mae`` | ``huber``.
-        student_map: ``linear`` | ``identity`` | ``mlp``.
-        feature_norm: ``standard`` (default): feature targets are standardised with the store's
-            per-channel statistics (scalar: mean/std; vector: RMS norm, no shift), so λ is
-            scale-free; ``none``: the raw feature MSE of the paper (Table 6's λ).
-        out: run folder.
-        max_steps: optimiser steps (takes precedence over ``epochs``).
-        epochs: passes over the data when ``max_steps`` is not set.
-        batch_size: structures per step and process.
-        seed: seed of weights, order, augmentation.
-        device: ``cuda``/``cpu``/``cuda:1``; default cuda when available.
-        lr: peak learning rate.
-        weight_decay: AdamW weight decay.
-        eval_every: validate (EMA weights) and save every K steps (0: only at the end).
-        checkpoint_every: also save ``last.pt`` every K steps (0: at validations only).
-        num_workers: loader worker processes.
-        energy_coef, force_coef: a_E, a_F.
-        normalize_labels: train on (E - mean)/std and F/std.
-        energy_mean, energy_std: given normalisation (else computed from the training set).
-        atom_ref: ``fit`` (default): least-squares per-element reference energies on the training
-            set, mean/std then taken on the residual E - Σ ref[Z]; ``none``: no references. Only
-            used when the statistics are computed (``normalize_labels`` and no given mean/std).
-        labels: the energies and forces trained on: ``reference`` (default: the dataset's
-            labels, every sample must have them), ``teacher`` (the store's teacher energy and
-            forces, extracted with ``outputs``; the dataset's labels are never read, so
-            unlabelled structures train), or ``both`` (a sample's own energy or forces where it
-            has them, the teacher's where it has not). Statistics of the normaliser and
-            per-element references are taken on the same labels. Validation always uses the
-            validation set's reference labels.
-        scheduler: ``constant`` | ``warmup_step`` | ``warmup_exp`` | ``plateau``.
-        warmup_steps, warmup_factor: linear warm-up from ``warmup_factor·lr`` over these steps.
-        lr_milestones, lr_gamma: step decay (multiply by gamma at each milestone step).
-        decay_steps, decay_rate: exponential decay ``rate ** (step / decay_steps)``.
-        plateau_patience, plateau_factor: reduce-on-plateau on the validation loss.
-        ema_decay: EMA of weights (0 disables).
-        clip_grad: gradient-norm clipping (0 disables).
-        augment: list of augmentations (``rotate``).
-        window: locality window of the store's batch sampler (samples; default: the sampler's).
-        progress: show a progress bar.
-        deterministic: use torch's deterministic kernels (needed for bit-exact resume: e.g. the
-            CPU backward of indexing accumulates in a thread-dependent order otherwise).
+    Build it from user input with :meth:`from_dict` or :meth:`load`: they name the file, option
+    and key of a refused value in a :class:`~kdcache.errors.ConfigError` (``TrainConfig(**kw)``
+    checks the same types and ranges, with pydantic's own error).
     """
 
-    student: str = "painn-tiny"
-    student_overrides: dict = field(default_factory=dict)
-    data: str | None = None
-    val: str | None = None
-    store: str | None = None
-    strategy: Any = "none"
-    lambda_: float | None = None
-    feature_loss: str = "mse"
-    student_map: str = "linear"
-    feature_norm: str = "standard"
-    out: str = "runs/run"
-    max_steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 8
-    val_batch_size: int | None = None
-    seed: int = 0
-    device: str | None = None
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    num_workers: int = 0
-    energy_coef: float = 1.0
-    force_coef: float = 100.0
-    normalize_labels: bool = True
-    energy_mean: float | None = None
-    energy_std: float | None = None
-    atom_ref: str = "fit"
-    labels: str = "reference"
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    warmup_factor: float = 0.2
-    lr_milestones: list = field(default_factory=list)
-    lr_gamma: float = 0.1
-    decay_steps: int = 100000
-    decay_rate: float = 0.1
-    plateau_patience: int = 3
-    plateau_factor: float = 0.8
-    ema_decay: float = 0.999
-    clip_grad: float = 10.0
-    augment: list = field(default_factory=list)
-    window: int | None = None
-    progress: bool = True
-    deterministic: bool = True
+    student: str = Field("painn-tiny", description="Student preset (``painn-tiny``, ``painn-big``, ``schnet``, ...) "
+                         "or model registry name.")
+    student_overrides: dict = Field(default_factory=dict, description="Constructor arguments passed to the preset.")
+    data: str | None = Field(None, description="Training dataset (LMDB file/folder, ASE file).")
+    val: str | None = Field(None, description="Validation dataset, validated with EMA weights (without it there "
+                            "is no ``best.pt``).")
+    store: str | None = Field(None, description="Feature store written by ``kdcache extract`` on the training "
+                              "data (needed by every strategy but ``none``).")
+    strategy: Any = Field("none", description=f"``none``, a strategy ({', '.join(STRATEGIES)}), weighted "
+                          "``n2n:100,v2v:10`` or a list (see :func:`kdcache.train.strategies.parse_strategy`).")
+    lambda_: number(ge=0) | None = Field(None, alias="lambda", description=(
+        "Weight of a strategy named without one (default: the strategy's own ``default_lambda`` in "
+        f":data:`kdcache.train.strategies.STRATEGIES`: {_DEFAULT_LAMBDAS})."))
+    feature_loss: choice(FEATURE_LOSSES) = Field("mse", description="How a feature strategy compares its targets.")
+    student_map: choice(STUDENT_MAPS) = Field("linear", description="The learned map from student to teacher "
+                                              "features (``mlp``: scalar targets only).")
+    feature_norm: choice(FEATURE_NORMS) = Field("standard", description=(
+        "``standard``: feature targets are standardised with the store's per-channel statistics (scalar: "
+        "mean/std; vector: RMS norm, no shift), so lambda is scale-free; ``none``: the raw feature MSE of the "
+        "paper (Table 6's lambda)."))
+    out: str = Field("runs/run", description="Run folder (config, checkpoints, metrics). Re-run to resume.")
+    max_steps: _POSITIVE | None = Field(None, description="Optimiser steps (takes precedence over ``epochs``).")
+    epochs: _POSITIVE | None = Field(None, description="Passes over the training data when ``max_steps`` is not set.")
+    batch_size: _POSITIVE = Field(8, description="Structures per step and process.")
+    val_batch_size: _POSITIVE | None = Field(None, description="Structures per validation batch (default: "
+                                             "``batch_size``).")
+    seed: _COUNT = Field(0, description="Seed of weights, order and augmentation (numpy refuses negative seeds).")
+    device: str | None = Field(None, description="``cuda``, ``cpu``, ``cuda:1`` (default: cuda when available).")
+    lr: number(gt=0) = Field(5e-4, description="Peak learning rate.")
+    weight_decay: number(ge=0) = Field(0.0, description="AdamW weight decay.")
+    eval_every: _COUNT = Field(0, description="Validate (EMA weights) and save every K steps (0: only at the end).")
+    checkpoint_every: _COUNT = Field(0, description="Also save ``last.pt`` every K steps (0: at validations only).")
+    num_workers: _COUNT = Field(0, description="Data loader worker processes.")
+    energy_coef: number(ge=0) = Field(1.0, description="Energy loss coefficient a_E.")
+    force_coef: number(ge=0) = Field(100.0, description="Force loss coefficient a_F.")
+    normalize_labels: bool = Field(True, description="Train on (E - mean)/std and F/std.")
+    energy_mean: number() | None = Field(None, description="Given energy mean of the normalisation (else computed "
+                                         "from the training set).")
+    energy_std: number(gt=0) | None = Field(None, description="Given energy std of the normalisation (else computed "
+                                            "from the training set).")
+    atom_ref: choice(ATOM_REFS) = Field("fit", description=(
+        "``fit``: least-squares per-element reference energies on the training set, mean/std then taken on the "
+        "residual E - sum ref[Z]; ``none``: no references. Only used when the statistics are computed "
+        "(``normalize_labels`` and no given mean/std)."))
+    labels: choice(LABEL_SOURCES) = Field("reference", description=(
+        "The energies and forces trained on: ``reference`` (the dataset's labels, every sample must have them), "
+        "``teacher`` (the store's teacher energy and forces, extracted with ``outputs``; the dataset's labels are "
+        "never read, so unlabelled structures train), or ``both`` (a sample's own energy or forces where it has "
+        "them, the teacher's where it has not). The normaliser's statistics and per-element references are taken "
+        "on the same labels; validation always uses the validation set's reference labels."))
+    scheduler: choice(SCHEDULERS) = Field("constant", description="Learning-rate schedule.")
+    warmup_steps: _COUNT = Field(0, description="Linear warm-up from ``warmup_factor`` x lr over these steps.")
+    warmup_factor: number(ge=0, le=1) = Field(0.2, description="Start of the warm-up, a fraction of lr (0: the "
+                                              "reference warm-up starts from zero).")
+    lr_milestones: text_list(_COUNT) = Field(default_factory=list, description="Steps at which ``warmup_step`` "
+                                        "multiplies lr by ``lr_gamma``.")
+    lr_gamma: number(gt=0) = Field(0.1, description="Factor of each step decay.")
+    decay_steps: _POSITIVE = Field(100000, description="``warmup_exp``: lr x ``decay_rate ** (step / decay_steps)``.")
+    decay_rate: number(gt=0) = Field(0.1, description="``warmup_exp``: the decay per ``decay_steps``.")
+    plateau_patience: _COUNT = Field(3, description="``plateau``: validations without improvement before a cut.")
+    plateau_factor: number(gt=0, lt=1) = Field(0.8, description="``plateau``: factor of each cut.")
+    ema_decay: number(ge=0, lt=1) = Field(0.999, description="Decay of the EMA of weights (0 disables).")
+    clip_grad: number(ge=0) = Field(10.0, description="Gradient-norm clipping (0 disables).")
+    augment: text_list(choice(AUGMENTATIONS)) = Field(default_factory=list, description=(
+        "Augmentations (``rotate``: random rotations; the stored targets rotate along)."))
+    window: _POSITIVE | None = Field(None, description="Locality window of the store's batch sampler (samples; "
+                                     "default: the sampler's).")
+    progress: bool = Field(True, description="Show a progress bar.")
+    deterministic: bool = Field(True, description=(
+        "Use torch's deterministic kernels (needed for bit-exact resume: e.g. the CPU backward of indexing "
+        "accumulates in a thread-dependent order otherwise)."))
+
+    #: settings that may change between a run and its resumption
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
+        "max_steps", "epochs", "eval_every", "checkpoint_every", "num_workers", "device", "progress", "val",
+        "val_batch_size", "deterministic")
+
+    @classmethod
+    def unknown_key_message(cls, known: list[str]) -> str:
+        return f"unknown setting; known: {', '.join(sorted(known))}"
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -306,16 +167,9 @@ class TrainConfig:
             ConfigError: an unknown setting, or a value of the wrong type or out of range, named.
         """
         where = where or _key_in(source)
-        names = {f.name for f in dataclasses.fields(cls)}
-        clean = {}
-        for key, value in (values or {}).items():
-            k = setting_name(key)
-            if k not in names:
-                raise ConfigError(f"{where(str(key))}: unknown setting; known: "
-                                  f"{', '.join(sorted(_display(n) for n in names))}")
-            clean[k] = value
-        cfg = cls(**clean)
-        cfg.validate(source, where)
+        clean = {_user_key(k): v for k, v in (values or {}).items()}
+        cfg = validated(cls, clean, where)
+        cfg._check_together(where)
         return cfg
 
     @classmethod
@@ -340,14 +194,14 @@ class TrainConfig:
 
         def where(key: str) -> str:
             top = setting_name(re.split(r"[.\[]", key)[0])  # `student_overrides.x`, `augment[0]`
-            return f"option --{_display(top).replace('_', '-')}" if top in from_options else in_file(key)
+            return f"option --{display_name(top).replace('_', '-')}" if top in from_options else in_file(key)
 
         return cls.from_dict(values, source=str(path) if path else "command line", where=where)
 
     def validate(self, source: str = "configuration", where: Callable[[str], str] | None = None) -> None:
-        """Check every setting's type and range (normalising e.g. ``"1e-4"`` to a float), the
-        strategy, and that the student exists and takes each of ``student_overrides``; before
-        any data is opened.
+        """Check the settings together, before any data is opened: every value again (one set
+        after construction too), the strategy, and that the student exists and takes each of
+        ``student_overrides``.
 
         Args:
             source: where the settings come from, for messages.
@@ -357,8 +211,13 @@ class TrainConfig:
             ConfigError: naming the setting, the value and what is allowed.
         """
         where = where or _key_in(source)
-        for name, rule in _RULES.items():
-            setattr(self, name, rule.check(getattr(self, name), _display(name), where))
+        checked = validated(type(self), self.model_dump(by_alias=True), where)
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(checked, name))
+        self._check_together(where)
+
+    def _check_together(self, where: Callable[[str], str]) -> None:
+        """What one field alone cannot say: the strategy (with ``lambda``) and the student."""
         try:
             terms = self.terms
         except ConfigError as exc:
@@ -370,23 +229,64 @@ class TrainConfig:
 
     @property
     def terms(self):
+        """The parsed strategy (:func:`kdcache.train.strategies.parse_strategy`)."""
         return parse_strategy(self.strategy, self.lambda_)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        """The settings as YAML writes them (``lambda``; the strategy in its canonical form)."""
+        d = self.model_dump(by_alias=True)
         d["strategy"] = format_strategy(self.terms)
-        d["lambda"] = d.pop("lambda_")
         return d
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    #: settings that may change between a run and its resumption
-    RESUMABLE_CHANGES = ("max_steps", "epochs", "eval_every", "checkpoint_every", "num_workers", "device",
-                         "progress", "val", "val_batch_size",
-                         "deterministic")
-
     def differences(self, other: dict) -> list[str]:
         """Settings that differ from a saved run's (ignoring those a resume may change)."""
         mine = self.to_dict()
         return [k for k in mine if k not in self.RESUMABLE_CHANGES and k in other and other[k] != mine[k]]
+
+
+def check_setting(name: str, value: Any, where: Callable[[str], str]) -> Any:
+    """Check one setting (type and range) on its own; return it normalised.
+
+    Args:
+        name: the setting as written (e.g. ``lambda``, ``batch-size``).
+        value: its value.
+        where: how a message names a key path, e.g. ``lr -> "recipe r.yaml: key 'students.train.lr'"``.
+
+    Raises:
+        ConfigError: ``"<where(name)>: <what is wrong>"``, an unknown setting too.
+    """
+    key = _user_key(name)
+    checked = validated(TrainConfig, {key: value}, lambda path: where(str(name) + path[len(key):]))
+    return getattr(checked, setting_name(name))
+
+
+def _user_key(key: Any) -> str:
+    """The key a user writes for a setting in any spelling (``lambda_``, ``batch-size`` ->
+    ``lambda``, ``batch_size``; a message names it so), or ``key`` as given if it names none."""
+    field = setting_name(key)
+    return display_name(field) if field in TrainConfig.model_fields else str(key)
+
+
+def _check_student(student: str, overrides: dict, where: Callable[[str], str]) -> None:
+    """The student exists (preset or model registry name) and takes every override."""
+    from kdcache.models import MODEL_CLASSES, model_class
+    from kdcache.models.presets import PRESETS
+
+    if student in PRESETS:
+        model = PRESETS[student][0]
+    elif student.lower().replace("-", "_") in MODEL_CLASSES:
+        model = student
+    else:
+        raise ConfigError(f"{where('student')}: unknown student {student!r}; presets: {', '.join(sorted(PRESETS))}; "
+                          f"models: {', '.join(sorted(MODEL_CLASSES))}")
+    params = inspect.signature(model_class(model).__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    takes = sorted(n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL)
+    for key in overrides:
+        if key not in takes:
+            raise ConfigError(f"{where(f'student_overrides.{key}')}: {model} takes no argument {key!r}; "
+                              f"it takes: {', '.join(takes)}")

@@ -30,13 +30,13 @@ from kdcache import keys as K
 from kdcache.data.batch import LABELS, collate, sample_file
 from kdcache.data.sample import sample_hash
 from kdcache.errors import ConfigError, DataError, KDCacheError
+from kdcache.train.config import AUGMENTATIONS
 
 #: stored targets ride in a batch under ``kd_<store key>`` (e.g. ``kd_e2v [N, 3, d]``)
 TARGET_PREFIX = "kd_"
 #: store keys that rotate with the structure (the last axis, if any, is channels)
 VECTOR_TARGETS = (K.E2V, K.VECTOR, K.FORCES)
 PER_SAMPLE_TARGETS = (K.ENERGY,)
-AUGMENTATIONS = ("rotate",)
 #: the store keys the teacher's labels come from (``labels: teacher|both``)
 TEACHER_LABEL_KEYS = (K.ENERGY, K.FORCES)
 

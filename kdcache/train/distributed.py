@@ -2,7 +2,6 @@
 :mod:`kdcache.distributed`, shared by extraction and training."""
 
 from kdcache.distributed import (  # noqa: F401
-    all_reduce_sum,
     barrier,
     broadcast_object,
     cleanup,

@@ -11,6 +11,7 @@ and mixes channels only, so it commutes with rotations and the loss is rotation 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -46,12 +47,17 @@ class StrategySpec:
     default_lambda: float = 1.0
 
 
+#: The one strategy table: the recipe checker, the pipeline's store features, the trainer and
+#: ``kdcache extract --features``'s help all read it (with each teacher model class's
+#: ``available_features``, see :func:`teacher_features`).
 STRATEGIES: dict[str, StrategySpec] = {
     "n2n": StrategySpec("n2n", "scalar", K.NODE, (K.NODE,), default_lambda=30.0),
-    "e2n": StrategySpec("e2n", "scalar", K.NODE, (K.E2N,), default_lambda=30.0),
-    # PaiNN teachers store their own vector features; edge-feature teachers store e2v
-    # (kdcache/features.py: Σ over edges into the atom of unit edge vector ⊗ edge feature).
-    "v2v": StrategySpec("v2v", "vector", K.VECTOR, (K.VECTOR, K.E2V), default_lambda=30.0),
+    "e2n": StrategySpec("e2n", "scalar", K.NODE, (K.E2N,), default_lambda=3.0),
+    # v2v: the target is made in kdcache/features.py (aggregate_edge_features): e2v = Σ over the
+    # edges into an atom of unit edge vector ⊗ edge feature, from an edge-feature teacher
+    # (GemNet-OC); a PaiNN teacher (no edge features) stores its own vector features instead.
+    # A store holds the one its teacher's kind offers (candidate_keys); e2v for an unknown kind.
+    "v2v": StrategySpec("v2v", "vector", K.VECTOR, (K.E2V, K.VECTOR), default_lambda=30.0),
     "vanilla1": StrategySpec("vanilla1", "labels", None, (K.ENERGY, K.FORCES), needs_all=True, default_lambda=1.0),
     # per-atom energies in normalised units are small (~std/natoms): a weight of order 100
     "vanilla2": StrategySpec("vanilla2", "atom_energy", None, (K.ATOM_ENERGY,), default_lambda=100.0),
@@ -133,6 +139,91 @@ def format_strategy(terms: list[Term]) -> str:
 
 
 # --- which store key serves a strategy -------------------------------------------------------
+def teacher_kind(name: str | None) -> str | None:
+    """The model registry name (``gemnet_oc``, ``painn``, ``schnet``) of a teacher: the one place a
+    teacher's kind is decided.
+
+    Args:
+        name: what names the teacher: a store's provenance ``teacher.name``, a checkpoint's model
+            name or a preset (``gemnet-oc-tiny``).
+
+    Returns:
+        The registry name, or None for anything else (an ASE calculator, no name).
+    """
+    from kdcache.models import MODEL_CLASSES
+
+    text = str(name or "").lower().replace("-", "_")
+    for kind in sorted(MODEL_CLASSES, key=len, reverse=True):  # `painn_big` is a painn
+        if text == kind or text.startswith(kind + "_"):
+            return kind
+    return None
+
+
+def _offered(kind: str | None, load: bool = True) -> tuple[str, ...]:
+    """Hidden features a teacher of ``kind`` hands out (its model class's ``available_features``).
+
+    Args:
+        kind: a :func:`teacher_kind`, or None (nothing known).
+        load: import the model's module to ask; False asks only a module already imported
+            (stage two never imports a teacher's code: its student's module is there, and a
+            store holds the target its teacher offers, so this only orders synthetic stores).
+    """
+    if kind is None:
+        return ()
+    from kdcache.models import MODEL_CLASSES, model_class
+
+    if not load and sys.modules.get(MODEL_CLASSES[kind].split(":")[0]) is None:
+        return ()
+    return tuple(model_class(kind).available_features)
+
+
+def candidate_keys(spec: StrategySpec, kind: str | None, load: bool = True) -> list[str]:
+    """A strategy's store keys in the order they are tried: those a teacher of ``kind`` offers
+    first (a PaiNN teacher's v2v target is its ``vector``), then the table's order.
+
+    Args:
+        spec: the strategy.
+        kind: the teacher's :func:`teacher_kind` (None: unknown).
+        load: see :func:`_offered`.
+    """
+    offered = _offered(kind, load)
+    return sorted(spec.store_keys, key=lambda k: k in K.FEATURE_KEYS and k not in offered)
+
+
+def feature_name(store_key: str) -> str:
+    """The ``kdcache extract --features`` name that stores a key (energy and forces: ``outputs``)."""
+    from kdcache.store.format import OUTPUTS
+
+    return OUTPUTS if store_key in (K.ENERGY, K.FORCES) else store_key
+
+
+def teacher_features(kind: str | None) -> tuple[str, ...] | None:
+    """The ``--features`` a teacher of ``kind`` can store (its hidden features, per-atom energies
+    and outputs), in ``--features`` order; None when the kind is unknown."""
+    if kind is None:
+        return None
+    from kdcache.store.format import FEATURE_CHOICES
+
+    offered = set(_offered(kind)) | {K.ATOM_ENERGY, feature_name(K.ENERGY)}
+    return tuple(f for f in FEATURE_CHOICES if f in offered)
+
+
+def needed_features(strategy: str, kind: str | None) -> tuple[str, ...]:
+    """The ``--features`` a strategy reads from a store of a teacher of ``kind`` (None: unknown)."""
+    spec = STRATEGIES[strategy]
+    keys = spec.store_keys if spec.needs_all else candidate_keys(spec, kind)[:1]
+    return tuple(dict.fromkeys(feature_name(k) for k in keys))
+
+
+def store_features_help() -> str:
+    """Each ``kdcache extract --features`` name with the strategies that read it, e.g.
+    ``node (n2n), e2n (e2n), ..., outputs (vanilla1)``."""
+    from kdcache.store.format import FEATURE_CHOICES
+
+    readers = {f: [n for n, s in STRATEGIES.items() if f in map(feature_name, s.store_keys)] for f in FEATURE_CHOICES}
+    return ", ".join(f"{f} ({', '.join(r)})" if r else f for f, r in readers.items())
+
+
 def resolve_store_keys(
     terms: list[Term],
     store_keys: Iterable[str] | None,
@@ -140,6 +231,14 @@ def resolve_store_keys(
     store_path: str = "the store",
 ) -> dict[str, tuple[str, ...]]:
     """Map each strategy to the store key(s) it reads; refuse what the store cannot serve.
+
+    Args:
+        terms: the run's strategies.
+        store_keys: the keys the store holds (None: no store).
+        teacher_name: the store's provenance teacher name: its kind (:func:`teacher_kind`)
+            orders a strategy's candidate keys (:func:`candidate_keys`, without importing the
+            teacher's code).
+        store_path: the store, for messages.
 
     Raises:
         ConfigError: a strategy needs a target the store does not hold (or there is no store).
@@ -150,6 +249,7 @@ def resolve_store_keys(
     if store_keys is None:
         raise ConfigError(f"strategy {format_strategy(terms)} needs a feature store (--store)")
     have = set(store_keys)
+    kind = teacher_kind(teacher_name)
     for term in terms:
         spec = term.spec
         if spec.needs_all:
@@ -161,10 +261,7 @@ def resolve_store_keys(
                 )
             out[term.name] = spec.store_keys
             continue
-        candidates = list(spec.store_keys)
-        if term.name == "v2v" and teacher_name and "painn" not in str(teacher_name).lower():
-            candidates = [K.E2V, K.VECTOR]
-        found = [k for k in candidates if k in have]
+        found = [k for k in candidate_keys(spec, kind, load=False) if k in have]
         if not found:
             teacher = f" (teacher {teacher_name})" if teacher_name else ""
             raise ConfigError(

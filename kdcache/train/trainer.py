@@ -46,23 +46,17 @@ NORMALIZER_MAX_SAMPLES = 20000
 
 def build_student(name: str, overrides: dict | None = None) -> nn.Module:
     """A student from a preset name (``painn-tiny``) or a model registry name (``painn``)."""
+    from kdcache.models import MODEL_CLASSES, build_model
+    from kdcache.models.presets import build_preset
+
     overrides = dict(overrides or {})
     try:
-        from kdcache.models.presets import build_preset
-    except ImportError:
-        build_preset = None
-    if build_preset is not None:
-        try:
-            return build_preset(name, **overrides)
-        except (KeyError, ValueError) as exc:
-            preset_error = exc
-    else:
-        preset_error = None
-    from kdcache.models import MODEL_CLASSES, build_model
-
+        return build_preset(name, **overrides)
+    except (KeyError, ValueError) as exc:
+        preset_error = exc
     if name.lower().replace("-", "_") in MODEL_CLASSES:
         return build_model(name, **overrides)
-    raise ConfigError(f"unknown student {name!r}: {preset_error or 'no such preset or model'}")
+    raise ConfigError(f"unknown student {name!r}: {preset_error}")
 
 
 def seed_everything(seed: int) -> None:
@@ -462,7 +456,7 @@ class Trainer:
                     self._tb.add_scalar(k.replace("_", "/", 1), v, self.step)
 
     # --- the loop --------------------------------------------------------------------------
-    def _checkpoint_point(self, force_validate: bool = False) -> None:
+    def _checkpoint_point(self) -> None:
         self._require_finite_weights()  # before validation: no NaN metrics row either
         train = {k: v / max(self._n, 1) for k, v in self._sums.items()}
         self._sums, self._n = {}, 0

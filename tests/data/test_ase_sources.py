@@ -11,7 +11,7 @@ from ase.constraints import FixAtoms
 from torch_geometric.loader import DataLoader
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache import keys as K
 from kdcache.data import AseDataset, CollDataset, open_dataset
 from kdcache.errors import DataError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache import keys as K
 from kdcache.data import open_dataset
 from kdcache.data.candidates import candidate_provenance

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache.data import dataset_statistics, open_dataset
 from kdcache.data.lmdb_writer import write_lmdb
 

@@ -9,7 +9,7 @@ from ase import Atoms
 from ase.calculators.emt import EMT
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache import keys as K
 from kdcache.data import open_dataset
 from kdcache.data.demo import METALS, write_demo

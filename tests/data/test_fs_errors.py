@@ -8,10 +8,10 @@ import contextlib
 import errno
 
 import lmdb
-from fs_faults import fail_writes
+from ..fs_faults import fail_writes
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 
 # what lmdb itself says (seen on a read-only and on a full tmpfs)
 LMDB_READ_ONLY = "Read-only file system"

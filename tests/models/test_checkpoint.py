@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from pathlib import Path
 
@@ -94,16 +93,9 @@ def test_kdcache_round_trip_rebuilds_from_file_alone(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def _has_gemnet() -> bool:
-    try:
-        return hasattr(importlib.import_module("kdcache.models.gemnet_oc"), "GemNetOC")
-    except ImportError:
-        return False
-
-
 @pytest.mark.parametrize(
     "preset",
-    ["schnet-tiny", "painn-tiny", pytest.param("gemnet-oc-tiny", marks=pytest.mark.skipif(not _has_gemnet(), reason="no GemNet-OC yet"))],
+    ["schnet-tiny", "painn-tiny", "gemnet-oc-tiny"],
 )
 def test_round_trip_state_and_config(tmp_path, preset):
     torch.manual_seed(2)

@@ -14,8 +14,9 @@ from torch_geometric.data import Batch, Data
 
 from kdcache import keys as K
 from kdcache.models.gemnet_oc import GemNetOC
-from kdcache.models.gemnet_oc.bases import PolynomialEnvelope, legendre_harmonics, real_spherical_harmonics
+from kdcache.models.gemnet_oc.bases import legendre_harmonics, real_spherical_harmonics
 from kdcache.models.gemnet_oc.indices import get_quadruplets, get_triplets, inner_index, ragged_arange
+from kdcache.models.radial import PolynomialEnvelope
 
 REF = Path(__file__).resolve().parents[1] / "fixtures" / "reference" / "gemnet_oc"
 ALL_FEATURES = (K.NODE, K.EDGE, K.E2N, K.E2V)

@@ -89,16 +89,17 @@ def test_features_only_on_request(ref, loaded):
 
 def test_graph_is_symmetric_and_limited():
     """Every kept edge has its counter edge; before symmetrisation no atom has > max neighbours."""
-    from kdcache.models.painn import student_graph
+    from kdcache.graph import batch_structures
+    from kdcache.models.common import student_graph
 
     g = torch.Generator().manual_seed(0)
     cell = torch.tensor([[4.0, 0.0, 0.0], [1.0, 4.2, 0.0], [0.0, 0.3, 5.0]], dtype=torch.float64)
     pos = torch.rand(6, 3, generator=g, dtype=torch.float64) @ cell
     data = Batch.from_data_list([Data(pos=pos, atomic_numbers=torch.full((6,), 29), cell=cell[None],
                                       pbc=torch.ones(1, 3, dtype=torch.bool), natoms=torch.tensor([6]))])
-    src, dst, dist, vec = student_graph(data, pos, 6.0, 10, True, symmetric=False)
+    src, dst, dist, vec = student_graph(pos, batch_structures(data, pos), 6.0, 10, symmetric=False)
     assert torch.bincount(dst, minlength=6).max() == 10
-    src, dst, dist, vec = student_graph(data, pos, 6.0, 10, True, symmetric=True)
+    src, dst, dist, vec = student_graph(pos, batch_structures(data, pos), 6.0, 10, symmetric=True)
     assert src.numel() % 2 == 0
     pairs = sorted(zip(src.tolist(), dst.tolist(), dist.round(decimals=9).tolist()))
     counter = sorted(zip(dst.tolist(), src.tolist(), dist.round(decimals=9).tolist()))
@@ -130,7 +131,7 @@ def test_gradient_forces_variant_runs_and_is_conservative():
 
 
 def test_unfitted_scale_factor_is_identity():
-    from kdcache.models.painn import ScaleFactor
+    from kdcache.models.scaling import ScaleFactor
 
     sf = ScaleFactor()
     x = torch.randn(4, 3)

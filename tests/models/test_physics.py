@@ -7,8 +7,6 @@ are minus the finite-difference slope of the energy.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from torch_geometric.data import Batch, Data
@@ -17,17 +15,10 @@ from kdcache import keys as K
 from kdcache.models.presets import build_preset
 
 
-def _has_gemnet() -> bool:
-    try:
-        return hasattr(importlib.import_module("kdcache.models.gemnet_oc"), "GemNetOC")
-    except ImportError:
-        return False
-
-
 MODELS = [
     "painn",
     "schnet",
-    pytest.param("gemnet_oc", marks=pytest.mark.skipif(not _has_gemnet(), reason="kdcache.models.gemnet_oc not written yet")),
+    "gemnet_oc",
 ]
 PRESET = {"painn": "painn-tiny", "schnet": "schnet-tiny", "gemnet_oc": "gemnet-oc-tiny"}
 #: rank-1 (rotating) features; the other available features are invariant

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from kdcache.models.presets import PRESETS, build_preset, count_parameters, preset_config
 
 
-def _has_gemnet() -> bool:
-    try:
-        return hasattr(importlib.import_module("kdcache.models.gemnet_oc"), "GemNetOC")
-    except ImportError:
-        return False
-
-
-needs_gemnet = pytest.mark.skipif(not _has_gemnet(), reason="kdcache.models.gemnet_oc not written yet")
-
-
-def _maybe_gemnet(name: str):
-    return pytest.param(name, marks=needs_gemnet) if PRESETS[name][0] == "gemnet_oc" else name
-
-
 @pytest.mark.parametrize(
     "name, millions",
     [
-        pytest.param("gemnet-oc", 38.9, marks=needs_gemnet),
+        ("gemnet-oc", 38.9),
         ("painn-big", 20.1),
         ("painn-small", 3.7),
         ("schnet", 9.1),
@@ -54,7 +38,7 @@ def test_paper_settings():
     assert [preset_config(n)[1]["num_layers"] for n in ("painn-coll-big", "painn-coll-small")] == [6, 4]
 
 
-@pytest.mark.parametrize("name", [_maybe_gemnet(n) for n in PRESETS])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_builds_on_meta(name):
     model_name, config = PRESETS[name]
     with torch.device("meta"):
@@ -76,5 +60,5 @@ def test_overrides_and_copies():
 
 
 def test_tiny_presets_are_small():
-    for name in ("painn-tiny", "schnet-tiny") + (("gemnet-oc-tiny",) if _has_gemnet() else ()):
+    for name in ("painn-tiny", "schnet-tiny", "gemnet-oc-tiny"):
         assert count_parameters(name) < 300_000

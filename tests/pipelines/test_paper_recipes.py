@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache.models.presets import preset_config
 from kdcache.pipeline.recipe import load_recipe
 from kdcache.pipeline.validate import validate_recipe
@@ -151,7 +151,7 @@ def test_paper_recipe_settings_are_tables_3_to_5(path):
 def test_demo_recipe_validates_and_cli_reports_missing_files(tmp_path):
     s = validate_recipe(ROOT / "pipelines" / "demo.yaml")
     assert s["teacher"]["preset"] == "gemnet-oc-tiny" and s["students"]["preset"] == "painn-tiny"
-    assert s["runs"] == ["baseline", "n2n", "v2v", "vanilla2"] and s["seeds"] == [0, 1, 2]
+    assert s["runs"] == ["baseline", "n2n", "e2n", "v2v"] and s["seeds"] == [0, 1, 2]
     # the size of the shipped teacher checkpoint's own model, not of the preset
     from kdcache.models.checkpoint import load_checkpoint
 

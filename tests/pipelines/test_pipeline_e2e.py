@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache.pipeline.report import read_csv
 from kdcache.pipeline.runner import run_pipeline
 

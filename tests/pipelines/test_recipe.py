@@ -102,7 +102,7 @@ def test_env_placeholders_and_yaml_file(tmp_path, monkeypatch):
 def test_cli_run_refuses_a_bad_recipe_before_running(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from kdcache.cli.main import app
 
     f = tmp_path / "r.yaml"
     f.write_text("data: {demo: {}}\nteacher: {preset: gemnet-oc-tiny, train: {max_steps: 1}}\n"

@@ -6,7 +6,7 @@ import shutil
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache.pipeline import backends
 from kdcache.store.format import recorded_identity
 

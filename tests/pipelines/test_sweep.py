@@ -9,11 +9,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache.pipeline import runner as runner_mod
 from kdcache.pipeline.report import read_csv
 
-from test_pipeline_e2e import TINY
+from .test_pipeline_e2e import TINY
 
 SWEEP = {**TINY, "name": "sweep", "seeds": [0, 1],
          "strategies": [{"name": "n2n", "lambda": [0.5, 2.0]}, {"name": "vanilla2", "lambda": 1.0}]}

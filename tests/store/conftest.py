@@ -14,6 +14,8 @@ import torch
 import zarr
 
 REPO = Path(__file__).resolve().parents[2]
+#: ``python SLOW_WRITES SECONDS ARGS...``: ``kdcache ARGS...`` pausing after each group it writes
+SLOW_WRITES = Path(__file__).with_name("slow_writes.py")
 
 
 def write_molecules(path: Path, n: int = 14, seed: int = 0) -> Path:
@@ -74,9 +76,9 @@ LAYOUT = dict(shard_atoms=16, chunk_atoms=8)
 
 
 def run_cli(*args: str, env: dict | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """``kdcache ...`` in a subprocess (``python -m cli.main``)."""
+    """``kdcache ...`` in a subprocess (``python -m kdcache.cli.main``)."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=full_env,
+    proc = subprocess.run([sys.executable, "-m", "kdcache.cli.main", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

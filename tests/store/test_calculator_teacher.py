@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache import keys as K
 from kdcache.errors import ConfigError, StoreError
 from kdcache.store import FeatureStore
-from kdcache.store.extract import extract, open_data
+from kdcache.data import open_dataset
+from kdcache.store.extract import extract
 from kdcache.store.writer import StoreWriter
 from kdcache.teachers.calculator import CalculatorSpec
 
@@ -64,7 +65,7 @@ def direct(calc, sample):
 def test_stored_values_are_emts_own(emt_store, emt_data):
     from ase.calculators.emt import EMT as Emt
 
-    ds = open_data(emt_data)
+    ds = open_dataset(emt_data)
     store = FeatureStore.open(emt_store, dataset=ds)
     assert store.feature_keys == (K.ATOM_ENERGY, K.FORCES, K.ENERGY)
     calc = Emt()
@@ -182,7 +183,7 @@ def test_gfn2_xtb_through_tblite(tmp_path):
     code, text, _ = kdcache("extract", "--teacher", 'ase:tblite.ase:TBLite:{"method": "GFN2-xTB", "verbosity": 0}',
                             "--data", data, "--out", out, "--label-dtype", "float64", "--no-progress")
     assert code == 0, text
-    ds = open_data(data)
+    ds = open_dataset(data)
     store = FeatureStore.open(out, dataset=ds)
     calc = tblite_ase.TBLite(method="GFN2-xTB", verbosity=0)
     want = [direct(calc, ds[i]) for i in range(2)]

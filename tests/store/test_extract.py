@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from kdcache import keys as K
 from kdcache.errors import ConfigError, StoreError
 from kdcache.models.checkpoint import file_sha256, load_checkpoint
+from kdcache.data import open_dataset
 from kdcache.store import FeatureStore
-from kdcache.store.extract import extract, open_data, set_teacher_dtype
+from kdcache.store.extract import extract, set_teacher_dtype
 from kdcache.store.writer import StoreWriter
 
 from .conftest import LAYOUT, crash_on_group_write, PAINN_ARGS, assert_stores_equal
@@ -31,7 +32,7 @@ def gemnet_store(tmp_path_factory, mol_lmdb, gemnet_ckpt):
 def test_gemnet_store_equals_teacher_predict(gemnet_store, mol_lmdb, gemnet_ckpt):
     store = FeatureStore.open(gemnet_store)
     assert set(store.feature_keys) == {K.NODE, K.E2N, K.E2V, K.ATOM_ENERGY, K.FORCES, K.ENERGY}
-    ds = open_data(mol_lmdb)
+    ds = open_dataset(mol_lmdb)
     teacher = set_teacher_dtype(load_checkpoint(gemnet_ckpt).model, "float32")
     idx = [9, 2, 5, 0, 13]
     got = store.read(idx)
@@ -52,7 +53,7 @@ def test_gemnet_store_equals_teacher_predict(gemnet_store, mol_lmdb, gemnet_ckpt
 
 
 def test_provenance(gemnet_store, mol_lmdb, gemnet_ckpt):
-    store = FeatureStore.open(gemnet_store, dataset=open_data(mol_lmdb))
+    store = FeatureStore.open(gemnet_store, dataset=open_dataset(mol_lmdb))
     p = store.provenance
     assert p["complete"] and p["complete_ranges"] == [[0, 14]]
     t = p["teacher"]
@@ -99,15 +100,15 @@ def test_mismatch_refused_unless_overwrite(painn_ref_store, mol_lmdb, other_lmdb
                 **{**PAINN_ARGS, "batch_size": 5})
     # other structures in a file of the same name, size and count pass the cheap fingerprint
     # check at open; `verify` compares every sample's hash and finds them all different
-    ds_other = open_data(other_lmdb)
-    assert ds_other.fingerprint() == open_data(mol_lmdb).fingerprint()
+    ds_other = open_dataset(other_lmdb)
+    assert ds_other.fingerprint() == open_dataset(mol_lmdb).fingerprint()
     FeatureStore.open(out, dataset=ds_other)
     from kdcache.store.verify import verify_store
 
     rep = verify_store(out, ds_other)
     assert rep.fingerprint_ok and rep.hash_mismatches == list(range(14)) and not rep.ok
     assert "14 DIFFER" in "\n".join(rep.lines())
-    assert verify_store(out, open_data(mol_lmdb)).ok
+    assert verify_store(out, open_dataset(mol_lmdb)).ok
     # --overwrite replaces it
     extract(mol_lmdb, out, teacher="schnet-tiny", limit=3, overwrite=True, progress=False, **LAYOUT)
     assert FeatureStore.open(out).provenance["teacher"]["name"] == "schnet"
@@ -118,13 +119,11 @@ def load_painn_path(store_path) -> str:
 
 
 def test_fingerprint_mismatch_refused(painn_ref_store, tmp_path):
-    from kdcache.store.extract import open_data as od
-
     from .conftest import write_molecules
 
     bigger = write_molecules(tmp_path / "more.lmdb", n=20, seed=0)
     with pytest.raises(StoreError, match="not extracted from this dataset"):
-        FeatureStore.open(painn_ref_store, dataset=od(bigger))
+        FeatureStore.open(painn_ref_store, dataset=open_dataset(bigger))
 
 
 def test_crash_then_resume_equals_uninterrupted(painn_ref_store, mol_lmdb, painn_ckpt, tmp_path, monkeypatch):
@@ -144,7 +143,7 @@ def test_crash_then_resume_equals_uninterrupted(painn_ref_store, mol_lmdb, painn
 
 
 def test_cli_info_and_verify(painn_ref_store, mol_lmdb, tmp_path):
-    from cli.main import app
+    from kdcache.cli.main import app
 
     runner = CliRunner()
     r = runner.invoke(app, ["store", "info", str(painn_ref_store), "--json"])

@@ -7,10 +7,10 @@ import errno
 import re
 
 import pytest
-from fs_faults import fail_writes
+from ..fs_faults import fail_writes
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache.errors import StoreError
 from kdcache.store import FeatureStore
 from kdcache.store.lock import lock_path

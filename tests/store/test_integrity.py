@@ -11,7 +11,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache import keys as K
 from kdcache.store import FeatureStore
 from kdcache.store.extract import extract

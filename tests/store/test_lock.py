@@ -12,13 +12,13 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache.errors import StoreError
 from kdcache.store.extract import extract
 from kdcache.store.lock import WriteLock, lock_path, read_holder
 from kdcache.store.writer import PROGRESS_DIR, StoreWriter
 
-from .conftest import PAINN_ARGS, REPO, assert_stores_equal, painn_cli_args
+from .conftest import PAINN_ARGS, REPO, SLOW_WRITES, assert_stores_equal, painn_cli_args
 
 
 def test_lock_refuses_a_second_writer_naming_the_holder(tmp_path):
@@ -62,8 +62,7 @@ def test_two_extract_commands_on_one_store(painn_ref_store, mol_lmdb, painn_ckpt
     out = tmp_path / "both.zarr"
     args = painn_cli_args(mol_lmdb, painn_ckpt, out)
     # 1 s after each of the 7 groups: the first is still writing when the second arrives
-    env = {**os.environ, "KDCACHE_TEST_GROUP_DELAY": "1.0"}
-    first = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env,
+    first = subprocess.Popen([sys.executable, str(SLOW_WRITES), "1.0", *args], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -71,7 +70,7 @@ def test_two_extract_commands_on_one_store(painn_ref_store, mol_lmdb, painn_ckpt
             assert first.poll() is None, first.stderr.read()
             assert time.time() < deadline, "the first extraction never took the lock"
             time.sleep(0.05)
-        second = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True,
+        second = subprocess.run([sys.executable, "-m", "kdcache.cli.main", *args], cwd=REPO, capture_output=True,
                                 text=True, timeout=300)
         assert first.poll() is None, "the first extraction ended before the second one could be refused"
         assert second.returncode == 1
@@ -130,7 +129,7 @@ def test_leftovers_of_a_dead_writer_are_removed(painn_ref_store, mol_lmdb, painn
 def test_a_torchrun_job_is_refused_by_its_rank_0(mol_lmdb, painn_ckpt, tmp_path):
     out = tmp_path / "taken.zarr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cli.main", *painn_cli_args(mol_lmdb, painn_ckpt, out)]
+           "-m", "kdcache.cli.main", *painn_cli_args(mol_lmdb, painn_ckpt, out)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     with WriteLock(out):
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -16,14 +16,13 @@ from kdcache.store import FeatureStore
 from kdcache.store.writer import PROGRESS_DIR
 
 from .test_stats import assert_stats_match_stored_arrays
-from .conftest import REPO, assert_stores_equal, painn_cli_args, run_cli
+from .conftest import REPO, SLOW_WRITES, assert_stores_equal, painn_cli_args, run_cli
 
 
 def test_kill_9_then_resume_equals_uninterrupted(painn_ref_store, mol_lmdb, painn_ckpt, tmp_path):
     out = tmp_path / "killed.zarr"
     args = painn_cli_args(mol_lmdb, painn_ckpt, out)
-    env = {**os.environ, "KDCACHE_TEST_GROUP_DELAY": "0.4"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, str(SLOW_WRITES), "0.4", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress = out / PROGRESS_DIR
     deadline = time.time() + 120
@@ -52,7 +51,7 @@ def test_kill_9_then_resume_equals_uninterrupted(painn_ref_store, mol_lmdb, pain
 def test_two_gloo_ranks_equal_single_process(painn_ref_store, mol_lmdb, painn_ckpt, tmp_path):
     out = tmp_path / "two.zarr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cli.main", *painn_cli_args(mol_lmdb, painn_ckpt, out)]
+           "-m", "kdcache.cli.main", *painn_cli_args(mol_lmdb, painn_ckpt, out)]
     # same intra-op threads as the reference run (torchrun would set 1): CPU reductions may
     # group differently with another thread count, and the comparison is bit for bit
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(torch.get_num_threads())}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import kd_helpers as H
+from . import kd_helpers as H
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import kd_helpers as H
 from kdcache import keys as K
 from kdcache.errors import ConfigError
 from kdcache.train import TrainConfig, Trainer
 from kdcache.train.data import collate
 from kdcache.train.trainer import fit_atom_refs, label_statistics, label_statistics_with_refs
+
+from . import kd_helpers as H
 
 
 def test_fit_recovers_the_true_references():

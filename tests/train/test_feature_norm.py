@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kd_helpers as H
 from kdcache import keys as K
+
+from . import kd_helpers as H
 
 
 def _scaled(targets, factor):

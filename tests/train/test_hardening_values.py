@@ -14,11 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache.errors import NumericalError
 from kdcache.models.checkpoint import load_checkpoint
 
-import kd_helpers as H
+from . import kd_helpers as H
 
 NUM = 6
 BAD = 4  # the sample that gets the bad value

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-import kd_helpers as H
+from . import kd_helpers as H
 
 BLOCKER = r'''
 import sys, importlib.abc
@@ -20,7 +20,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"teacher module {name} imported during training")
 sys.meta_path.insert(0, Block())
 sys.modules[BLOCKED] = None
-from cli.main import app
+from kdcache.cli.main import app
 try:
     rc = app(sys.argv[1:], standalone_mode=False)
 finally:
@@ -87,7 +87,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, demo, store_path):
     import torch
 
     def command(out):
-        return [sys.executable, "-m", "cli.main", "train", "--student", H.STUDENT, "--data", str(demo["train"]),
+        return [sys.executable, "-m", "kdcache.cli.main", "train", "--student", H.STUDENT, "--data", str(demo["train"]),
                 "--store", str(store_path), "--strategy", "v2v:10,vanilla1:1", "--max-steps", str(MAX_STEPS),
                 "--batch-size", "2", "--checkpoint-every", "1", "--lr", "2e-3", "--out", str(out), "--no-progress"]
 

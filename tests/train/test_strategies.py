@@ -106,7 +106,7 @@ def test_rotation_moves_targets_with_the_structure(train_set, store):
 def test_v2v_loss_unchanged_when_batch_and_targets_rotate(train_set, store):
     """Equivariance of the student + student map: the v2v loss of a rotated batch (targets rotated
     along) equals the loss of the original batch."""
-    import kd_helpers as H
+    from . import kd_helpers as H
     from kdcache.models.presets import build_preset
     from kdcache.train.data import collate
 

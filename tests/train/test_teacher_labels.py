@@ -10,9 +10,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import kd_helpers as H
-from cli.main import app
+from kdcache.cli.main import app
 from kdcache import keys as K
+
+from . import kd_helpers as H
 
 EMT = "ase:ase.calculators.emt:EMT"
 

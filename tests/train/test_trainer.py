@@ -7,11 +7,12 @@ import csv
 import pytest
 import torch
 
-import kd_helpers as H
 from kdcache import keys as K
 from kdcache.errors import ConfigError
 from kdcache.train import TrainConfig, Trainer
 from kdcache.train.data import collate
+
+from . import kd_helpers as H
 
 NUM_WORKERS = 1
 

@@ -17,16 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-# envelopes and radial bases are shared with the students (model-neutral modules); re-exported
-# here so ``kdcache.models.gemnet_oc.bases.RadialBasis`` etc. keep working
-from kdcache.models.radial import (  # noqa: F401
-    BernsteinBasis,
-    ExponentialEnvelope,
-    GaussianBasis,
-    PolynomialEnvelope,
-    RadialBasis,
-    SphericalBesselBasis,
-)
+# envelopes and radial bases are shared with the students: one home, kdcache.models.radial
+from kdcache.models.radial import GaussianBasis, RadialBasis
 from kdcache.models.scaling import ScaleFactor
 
 

@@ -12,13 +12,10 @@ import math
 import torch
 from torch import nn
 
-from kdcache.models.gemnet_oc.layers import (
-    Dense,
-    EdgeEmbedding,
-    EfficientInteractionBilinear,
-    ResidualLayer,
-    ScaleFactor,
-)
+from kdcache import keys as K
+from kdcache.models.gemnet_oc.indices import TARGET_NEIGHBOR_IDX
+from kdcache.models.gemnet_oc.layers import Dense, EdgeEmbedding, EfficientInteractionBilinear, ResidualLayer
+from kdcache.models.scaling import ScaleFactor
 
 _INV_SQRT_2 = 1 / math.sqrt(2.0)
 
@@ -189,7 +186,7 @@ class PairInteraction(nn.Module):
     ) -> torch.Tensor:
         n_atoms = h.shape[0]
         x_ba = self.down_projection(h)[edge_index[0]]
-        k = int(target_neighbor_idx.max()) + 1 if target_neighbor_idx.numel() else 0
+        k = rad_basis.shape[-1]  # [A, rbf, K]: the padded width, from the same neighbour index
         padded = x_ba.new_zeros(n_atoms, k, x_ba.shape[-1])
         padded[edge_index[1], target_neighbor_idx] = x_ba  # [A, K, in]
         out = self.bilinear((rad_basis @ padded).reshape(n_atoms, -1))
@@ -405,7 +402,7 @@ class InteractionBlock(nn.Module):
             x = x + self.quad_interaction(m, bases_qint, quad_idx, id_swap)
         if self.atom_edge_interaction is not None:
             x = x + self.atom_edge_interaction(
-                h, bases_a2e, trip_idx_a2e, id_swap, expand_idx=a2ee2a_graph["edge_index"][0]
+                h, bases_a2e, trip_idx_a2e, id_swap, expand_idx=a2ee2a_graph[K.EDGE_INDEX][0]
             )
         x = x * self.inv_sqrt_num_eint
 
@@ -417,13 +414,13 @@ class InteractionBlock(nn.Module):
                 bases_e2a,
                 trip_idx_e2a,
                 id_swap,
-                idx_agg2=a2ee2a_graph["edge_index"][1],
-                idx_agg2_inner=a2ee2a_graph["target_neighbor_idx"],
+                idx_agg2=a2ee2a_graph[K.EDGE_INDEX][1],
+                idx_agg2_inner=a2ee2a_graph[TARGET_NEIGHBOR_IDX],
                 agg2_out_size=n_atoms,
             )
         if self.atom_interaction is not None:
             h_new = h_new + self.atom_interaction(
-                h, basis_a2a_rad, a2a_graph["edge_index"], a2a_graph["target_neighbor_idx"]
+                h, basis_a2a_rad, a2a_graph[K.EDGE_INDEX], a2a_graph[TARGET_NEIGHBOR_IDX]
             )
         h = h_new * self.inv_sqrt_num_aint
 

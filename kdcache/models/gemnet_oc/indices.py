@@ -10,6 +10,20 @@ from __future__ import annotations
 
 import torch
 
+from kdcache import keys as K
+
+#: Key of a GemNet-OC graph dict: ``[E]`` long, the column of each edge in its target's row of a
+#: padded ``[atoms, neighbours]`` matrix (:func:`inner_index` of the targets).
+TARGET_NEIGHBOR_IDX = "target_neighbor_idx"
+#: Key of a GemNet-OC graph dict / index dict: the padded width (python int, ``max + 1``) of its
+#: :data:`TARGET_NEIGHBOR_IDX` / ``out_agg``, so the model's body sizes tensors without a host sync.
+PAD_WIDTH = "pad_width"
+
+
+def inner_size(inner: torch.Tensor) -> int:
+    """``max(inner) + 1`` (0 when empty): the width of the padded matrix an inner index fills."""
+    return int(inner.max()) + 1 if inner.numel() else 0
+
 
 def ragged_arange(counts: torch.Tensor) -> torch.Tensor:
     """Concatenated ranges: counts [1, 4, 0, 2] -> [0, 0, 1, 2, 3, 0, 1]."""
@@ -56,7 +70,7 @@ def get_triplets(graph: dict, num_atoms: int) -> dict:
     Returns:
         ``in`` (edge b->a), ``out`` (edge c->a), ``out_agg`` (position among the out-edge's inputs).
     """
-    edge_index = graph["edge_index"]
+    edge_index = graph[K.EDGE_INDEX]
     out, inp = _edges_into(edge_index[1], edge_index, num_atoms)
     keep = inp != out
     idx = {"in": inp[keep], "out": out[keep]}
@@ -80,15 +94,15 @@ def get_mixed_triplets(
     Returns:
         ``in``, ``out`` and, with ``return_agg_idx``, ``out_agg``.
     """
-    out_s, out_t = graph_out["edge_index"]
-    in_s = graph_in["edge_index"][0]
-    out, inp = _edges_into(out_s if to_outedge else out_t, graph_in["edge_index"], num_atoms)
+    out_s, out_t = graph_out[K.EDGE_INDEX]
+    in_s = graph_in[K.EDGE_INDEX][0]
+    out, inp = _edges_into(out_s if to_outedge else out_t, graph_in[K.EDGE_INDEX], num_atoms)
     if to_outedge:
         other = out_t[out]
-        offset_sum = graph_out["cell_offset"][out] + graph_in["cell_offset"][inp]
+        offset_sum = graph_out[K.CELL_OFFSET][out] + graph_in[K.CELL_OFFSET][inp]
     else:
         other = out_s[out]
-        offset_sum = graph_out["cell_offset"][out] - graph_in["cell_offset"][inp]
+        offset_sum = graph_out[K.CELL_OFFSET][out] - graph_in[K.CELL_OFFSET][inp]
     keep = (in_s[inp] != other) | torch.any(offset_sum != 0, dim=-1)
     idx = {"in": inp[keep], "out": out[keep]}
     if return_agg_idx:
@@ -104,9 +118,9 @@ def get_quadruplets(main_graph: dict, qint_graph: dict, num_atoms: int) -> dict:
         ``out`` (c->a per quadruplet), ``trip_in_to_quad``, ``trip_out_to_quad`` (the two triplets
         of each quadruplet) and ``out_agg``. Quadruplets with c = d (same image) are dropped.
     """
-    main_s = main_graph["edge_index"][0]
+    main_s = main_graph[K.EDGE_INDEX][0]
     num_edges = main_s.shape[0]
-    num_qint = qint_graph["edge_index"].shape[1]
+    num_qint = qint_graph[K.EDGE_INDEX].shape[1]
     device = main_s.device
 
     trip_in = get_mixed_triplets(main_graph, qint_graph, num_atoms, to_outedge=True)  # d->b->a
@@ -124,7 +138,7 @@ def get_quadruplets(main_graph: dict, qint_graph: dict, num_atoms: int) -> dict:
 
     d_edge = trip_in["in"][trip_in_to_quad]
     offset_cd = (
-        main_graph["cell_offset"][d_edge] + qint_graph["cell_offset"][inter] - main_graph["cell_offset"][out]
+        main_graph[K.CELL_OFFSET][d_edge] + qint_graph[K.CELL_OFFSET][inter] - main_graph[K.CELL_OFFSET][out]
     )
     keep = (main_s[out] != main_s[d_edge]) | torch.any(offset_cd != 0, dim=-1)
 

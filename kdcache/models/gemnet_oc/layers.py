@@ -1,4 +1,4 @@
-"""Building blocks of GemNet-OC: dense layers, residual layers, scale factors, embeddings and the
+"""Building blocks of GemNet-OC: dense layers, residual layers, embeddings and the
 "efficient" bilinear layers that contract a basis with padded neighbour matrices.
 
 Parameter names (``linear.weight``, ``dense_mlp``, ``scale_factor``, ``embeddings``,
@@ -12,8 +12,7 @@ import math
 import torch
 from torch import nn
 
-# shared with the students; re-exported here for the blocks of this package
-from kdcache.models.scaling import ScaleFactor, ScaledSiLU  # noqa: F401
+from kdcache.models.scaling import ScaledSiLU  # shared with the students
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,9 +138,14 @@ class EdgeEmbedding(nn.Module):
 # --------------------------------------------------------------------------------------------
 # efficient basis contraction
 # --------------------------------------------------------------------------------------------
-def _padded(values: torch.Tensor, outer: torch.Tensor, inner: torch.Tensor, rows: int) -> torch.Tensor:
-    """Scatter ``values`` into a zero tensor [rows, K, ...] at (outer, inner); K = max(inner)+1."""
-    k = int(inner.max()) + 1 if inner.numel() else 0
+def _padded(values: torch.Tensor, outer: torch.Tensor, inner: torch.Tensor, rows: int, k: int | None = None) -> torch.Tensor:
+    """Scatter ``values`` into a zero tensor [rows, K, ...] at (outer, inner).
+
+    ``k``: K, which must be ``max(inner) + 1`` (:func:`~kdcache.models.gemnet_oc.indices.inner_size`);
+    computed here when not given, at the price of a host sync (the model's graph carries it).
+    """
+    if k is None:
+        k = int(inner.max()) + 1 if inner.numel() else 0
     out = values.new_zeros((rows, k, *values.shape[1:]))
     out[outer, inner] = values
     return out
@@ -177,8 +181,13 @@ class BasisEmbedding(nn.Module):
         idx_sph_outer: torch.Tensor | None = None,
         idx_sph_inner: torch.Tensor | None = None,
         num_atoms: int | None = None,
+        rad_inner_size: int | None = None,
+        sph_inner_size: int | None = None,
     ):
         """Returns the projected radial part, optionally combined with the angular part.
+
+        ``rad_inner_size`` / ``sph_inner_size``: ``max + 1`` of ``idx_rad_inner`` / ``idx_sph_inner``
+        (the padded widths; computed, with a host sync, when not given).
 
         - radial only: ``[E, emb]``, or per atom ``[A, emb, K]`` with ``idx_rad_*``;
         - ``sph_basis`` and ``idx_sph_outer`` only: the per-triplet product ``[T, emb]``;
@@ -196,14 +205,14 @@ class BasisEmbedding(nn.Module):
 
         if idx_rad_inner is not None:
             # neighbours of each atom side by side: [A, emb, K(·num_spherical)]
-            per_atom = _padded(rad, idx_rad_outer, idx_rad_inner, num_atoms)
+            per_atom = _padded(rad, idx_rad_outer, idx_rad_inner, num_atoms, rad_inner_size)
             rad = per_atom.transpose(1, 2).reshape(num_atoms, rad.shape[1], -1)
 
         if sph_basis is None:
             return rad
         if idx_sph_inner is None:
             return (rad[idx_sph_outer] @ sph_basis[:, :, None]).squeeze(-1)
-        sph = _padded(sph_basis, idx_sph_outer, idx_sph_inner, n_edges).transpose(1, 2)
+        sph = _padded(sph_basis, idx_sph_outer, idx_sph_inner, n_edges, sph_inner_size).transpose(1, 2)
         return rad, sph
 
 
@@ -234,11 +243,13 @@ class EfficientInteractionBilinear(nn.Module):
         agg2_out_size: int | None = None,
     ) -> torch.Tensor:
         rad, sph = basis  # [E, interm, S] (or per atom [A, interm, K2·S]), [E, S, K]
-        m_padded = _padded(m, idx_agg_outer, idx_agg_inner, sph.shape[0])  # [E, K, in]
+        # the padded widths K and K2 are those of the basis (same indices), known without a sync
+        m_padded = _padded(m, idx_agg_outer, idx_agg_inner, sph.shape[0], sph.shape[2])  # [E, K, in]
         sph_m = sph @ m_padded  # [E, S, in]
         if idx_agg2_outer is not None:
             # second aggregation (edges -> atoms), again through a padded matrix
-            per_atom = _padded(sph_m, idx_agg2_outer, idx_agg2_inner, agg2_out_size)  # [A, K2, S, in]
+            k2 = rad.shape[2] // sph.shape[1]
+            per_atom = _padded(sph_m, idx_agg2_outer, idx_agg2_inner, agg2_out_size, k2)  # [A, K2, S, in]
             sph_m = per_atom.reshape(agg2_out_size, -1, sph_m.shape[-1])
         out = rad @ sph_m  # [E or A, interm, in]
         return self.bilinear(out.reshape(-1, out.shape[1] * out.shape[2]))

@@ -18,7 +18,6 @@ the module tree reproduces its parameter names, so an OCP checkpoint's ``state_d
 from __future__ import annotations
 
 import copy
-import logging
 
 import numpy as np
 import torch
@@ -28,10 +27,18 @@ from kdcache import graph as G
 from kdcache import keys as K
 from kdcache.errors import DataError
 from kdcache.features import aggregate_edge_features
-from kdcache.models.base import PotentialModel
-from kdcache.models.gemnet_oc.bases import CircularBasisLayer, RadialBasis, SphericalBasisLayer
+from kdcache.models.base import ModelInputs, PotentialModel
+from kdcache.models.gemnet_oc.bases import CircularBasisLayer, SphericalBasisLayer
 from kdcache.models.gemnet_oc.blocks import InteractionBlock, OutputBlock
-from kdcache.models.gemnet_oc.indices import get_mixed_triplets, get_quadruplets, get_triplets, inner_index
+from kdcache.models.gemnet_oc.indices import (
+    PAD_WIDTH,
+    TARGET_NEIGHBOR_IDX,
+    get_mixed_triplets,
+    get_quadruplets,
+    get_triplets,
+    inner_index,
+    inner_size,
+)
 from kdcache.models.gemnet_oc.layers import (
     AtomEmbedding,
     BasisEmbedding,
@@ -40,12 +47,23 @@ from kdcache.models.gemnet_oc.layers import (
     ResidualLayer,
     get_initializer,
 )
+from kdcache.models.radial import RadialBasis
+from kdcache.models.scaling import apply_scale_file
 
-log = logging.getLogger(__name__)
 
-VECTOR = K.EDGE_VECTOR
-DISTANCE = G.DISTANCE
-TARGET_NEIGHBOR_IDX = "target_neighbor_idx"
+#: graph keys: ``[N]`` atoms in each atom's structure (``extensive=False`` only); ``[E]`` the edge
+#: of the parent radius graph each edge of a derived graph is, and ``[E]`` its direction (1, or -1
+#: where symmetrisation reversed it)
+_STRUCTURE_SIZE = "structure_size"
+_PARENT_EDGE = "parent_edge"
+_DIRECTION = "direction"
+
+
+def _with_pad_width(idx: dict) -> dict:
+    """An interaction index dict with the padded width of its ``out_agg`` (:data:`PAD_WIDTH`)."""
+    if "out_agg" in idx:
+        idx[PAD_WIDTH] = inner_size(idx["out_agg"])
+    return idx
 
 
 def _cos_clamped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,8 +113,10 @@ class GemNetOC(PotentialModel):
         qint_tags: atom tags that take part in quadruplet interactions (OC20: [1, 2]).
         num_elements: elements covered by the atom embedding (Z = 1..num_elements).
         scale_file: scale factors to load (``.pt``/``.json`` file or dict ``module path -> value``).
-        otf_graph, use_pbc_single, scale_backprop_forces: accepted for compatibility; graphs are
-            always built on the fly and batched, and float64/float32 force scaling is not needed.
+        otf_graph, use_pbc_single, scale_backprop_forces: Open Catalyst settings that are
+            accepted and ignored: graphs are always built on the fly and batched, and
+            float64/float32 force scaling is not needed. Any other unknown argument is refused,
+            as by every model.
     """
 
     name = "gemnet_oc"
@@ -157,14 +177,11 @@ class GemNetOC(PotentialModel):
         otf_graph: bool = True,
         use_pbc_single: bool = False,
         scale_backprop_forces: bool = False,
-        **unknown,
     ) -> None:
         super().__init__()
-        if unknown:
-            log.warning("GemNetOC: ignoring unknown arguments %s", sorted(unknown))
         if num_blocks < 1:
             raise ValueError("num_blocks must be at least 1")
-        self.config = copy.deepcopy({k: v for k, v in locals().items() if k not in ("self", "unknown", "__class__")})
+        self.config = copy.deepcopy({k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
         rbf = rbf or {"name": "gaussian"}
         rbf_spherical = rbf_spherical or rbf
@@ -186,6 +203,7 @@ class GemNetOC(PotentialModel):
         self.direct_forces = direct_forces
         self.forces_coupled = forces_coupled
         self.enforce_max_neighbors_strictly = enforce_max_neighbors_strictly
+        self.max_atomic_number = num_elements  # embedding row Z - 1 holds element Z
         if not direct_forces:
             # edge features only exist on the direct-force branch
             self.available_features = (K.NODE,)
@@ -235,26 +253,6 @@ class GemNetOC(PotentialModel):
         self.mlp_cbf_tint = BasisEmbedding(num_radial, emb_size_cbf, num_spherical)
         self.mlp_rbf_h = rad_proj()
         self.mlp_rbf_out = rad_proj()
-        # (parameter, number of blocks sharing it): the reference divides their gradients by it
-        self.shared_parameters = [
-            (self.mlp_rbf_tint.linear.weight, num_blocks),
-            (self.mlp_cbf_tint.weight, num_blocks),
-            (self.mlp_rbf_h.linear.weight, num_blocks),
-            (self.mlp_rbf_out.linear.weight, num_blocks + 1),
-        ]
-        if quad_interaction:
-            self.shared_parameters += [(self.mlp_rbf_qint.linear.weight, num_blocks),
-                                       (self.mlp_cbf_qint.weight, num_blocks),
-                                       (self.mlp_sbf_qint.weight, num_blocks)]
-        if atom_edge_interaction:
-            self.shared_parameters += [(self.mlp_rbf_aeint.linear.weight, num_blocks),
-                                       (self.mlp_cbf_aeint.weight, num_blocks)]
-        if edge_atom_interaction:
-            self.shared_parameters += [(self.mlp_rbf_eaint.linear.weight, num_blocks),
-                                       (self.mlp_cbf_eaint.weight, num_blocks)]
-        if atom_interaction:
-            self.shared_parameters += [(self.mlp_rbf_aint.weight, num_blocks)]
-
         # --- embeddings, blocks, outputs ---
         self.atom_emb = AtomEmbedding(emb_size_atom, num_elements)
         self.edge_emb = EdgeEmbedding(emb_size_atom, num_radial, emb_size_edge, activation=activation)
@@ -314,8 +312,6 @@ class GemNetOC(PotentialModel):
             self.out_forces.reset_parameters(init)
 
         if scale_file:
-            from kdcache.models.checkpoint import apply_scale_file  # lazy: the loader imports models
-
             apply_scale_file(self, scale_file)
 
     # ------------------------------------------------------------------------------------------
@@ -365,30 +361,48 @@ class GemNetOC(PotentialModel):
             num_structures=n_struct,
         )
 
+    def _tagged_edges(self, graph: dict, data, batch_vec: torch.Tensor, n_struct: int) -> dict:
+        """The edges of ``graph`` that touch an atom whose tag is in ``qint_tags``."""
+        tags = data[K.TAGS] if K.TAGS in data else None
+        if tags is None:
+            raise DataError("<batch>", None, K.TAGS, "GemNet-OC quadruplet interactions need atom tags")
+        tags = tags.to(batch_vec.device)
+        s, t = graph[K.EDGE_INDEX]
+        allowed = torch.tensor(self.qint_tags, dtype=tags.dtype, device=tags.device)
+        tag_ok = (tags[:, None] == allowed).any(dim=-1)
+        return G.mask_edges(graph, tag_ok[s] | tag_ok[t], batch_vec, n_struct)
+
     def build_graphs(self, pos: torch.Tensor, data) -> dict:
-        """All graphs and interaction indices of one batch (positions may require grad)."""
-        natoms = data[K.NATOMS].view(-1).to(pos.device)
-        n_struct = natoms.shape[0]
-        n_atoms = pos.shape[0]
-        batch_vec = data[K.BATCH] if K.BATCH in data else torch.repeat_interleave(
-            torch.arange(n_struct, device=pos.device), natoms
-        )
-        cell = data[K.CELL] if K.CELL in data else None
-        cell = pos.new_zeros(n_struct, 3, 3) if cell is None else cell.reshape(n_struct, 3, 3).to(pos.dtype)
-        pbc = data[K.PBC] if K.PBC in data else None
-        if pbc is None:
-            pbc = cell.detach().abs().sum(dim=-1) > 0
-        pbc = torch.as_tensor(pbc, device=pos.device).bool().reshape(n_struct, 3)
-        if not self.use_pbc:
-            pbc = torch.zeros_like(pbc)
+        """All graphs and interaction indices of one batch, with distances and unit vectors.
+
+        Args:
+            pos: ``[N, 3]`` positions to build from (the geometry is differentiable in them).
+            data: the batch (``natoms`` and optionally ``cell``, ``pbc``, ``batch``, ``tags``).
+        """
+        structures = G.batch_structures(data, pos, self.use_pbc)
+        z = data[K.ATOMIC_NUMBERS] if K.ATOMIC_NUMBERS in data else None
+        return self._geometry(pos, self.make_graph(ModelInputs(data, pos, z, structures)))
+
+    def make_graph(self, inputs: ModelInputs) -> dict:
+        """The four graphs (edge index, cell offset, per-edge shift), the triplet and quadruplet
+        indices and the padded widths of one batch; no positions-dependent values (distances and
+        vectors are :meth:`_geometry`'s, from the positions, inside the body).
+
+        Args:
+            inputs: the prepared batch (``tags`` are read from ``inputs.data`` for quadruplets).
+        """
+        cell, pbc, natoms, batch_vec = inputs.structures
+        pos = inputs.pos.detach()  # graph selection only: distances decide which edges exist
+        n_struct, n_atoms = natoms.shape[0], pos.shape[0]
 
         def radius_graph(c: float, max_nb: int) -> dict:
-            edge_index, offset, neighbors = G.radius_graph_pbc(
-                pos, cell, pbc, natoms, c, max_nb, self.enforce_max_neighbors_strictly
-            )
+            edge_index, offset, neighbors = inputs.radius_graph(c, max_nb, self.enforce_max_neighbors_strictly)
             distance, vector = G.edge_geometry(pos, cell, batch_vec, edge_index, offset)
-            return {K.EDGE_INDEX: edge_index, K.CELL_OFFSET: offset, DISTANCE: distance, VECTOR: vector,
-                    G.NEIGHBORS: neighbors}
+            # which parent edge each derived edge is, and its direction (-1: reversed), carried
+            # through selection and symmetrisation like any per-edge entry
+            return {K.EDGE_INDEX: edge_index, K.CELL_OFFSET: offset, G.DISTANCE: distance, K.EDGE_VECTOR: vector,
+                    G.NEIGHBORS: neighbors, _PARENT_EDGE: torch.arange(edge_index.shape[1], device=pos.device),
+                    _DIRECTION: torch.ones(edge_index.shape[1], dtype=pos.dtype, device=pos.device)}
 
         uses_a2a = self.atom_edge_interaction or self.edge_atom_interaction or self.atom_interaction
         a2a_graph, a2ee2a_graph = {}, {}
@@ -406,44 +420,63 @@ class GemNetOC(PotentialModel):
         qint_graph = {}
         if self.quad_interaction:
             qint_graph = self._subgraph(parent, batch_vec, n_struct, self.cutoff_qint, self.max_neighbors_qint, pc, pm)
-            tags = data[K.TAGS] if K.TAGS in data else None
-            if tags is None:
-                raise DataError("<batch>", None, K.TAGS, "GemNet-OC quadruplet interactions need atom tags")
-            tags = tags.to(pos.device)
-            s, t = qint_graph[K.EDGE_INDEX]
-            allowed = torch.tensor(self.qint_tags, dtype=tags.dtype, device=tags.device)
-            tag_ok = (tags[:, None] == allowed).any(dim=-1)
-            qint_graph = G.mask_edges(qint_graph, tag_ok[s] | tag_ok[t], batch_vec, n_struct)
+            qint_graph = self._tagged_edges(qint_graph, inputs.data, batch_vec, n_struct)
 
         # every main edge needs its counter-edge for symmetric message passing
-        main_graph = G.symmetrize_graph(main_graph, batch_vec, n_struct, keep_self_image="negative")
+        main_graph = G.symmetrize_graph(main_graph, batch_vec, n_struct, keep_self_image="negative",
+                                        odd_keys=(K.EDGE_VECTOR, _DIRECTION))
         id_swap = main_graph[G.ID_SWAP]
 
-        trip_idx_e2e = get_triplets(main_graph, num_atoms=n_atoms)
-        quad_idx = get_quadruplets(main_graph, qint_graph, n_atoms) if self.quad_interaction else {}
+        trip_idx_e2e = _with_pad_width(get_triplets(main_graph, num_atoms=n_atoms))
+        quad_idx = _with_pad_width(get_quadruplets(main_graph, qint_graph, n_atoms)) if self.quad_interaction else {}
         trip_idx_a2e, trip_idx_e2a = {}, {}
         if self.atom_edge_interaction:
-            trip_idx_a2e = get_mixed_triplets(a2ee2a_graph, main_graph, n_atoms, return_agg_idx=True)
+            trip_idx_a2e = _with_pad_width(get_mixed_triplets(a2ee2a_graph, main_graph, n_atoms, return_agg_idx=True))
         if self.edge_atom_interaction:
-            trip_idx_e2a = get_mixed_triplets(main_graph, a2ee2a_graph, n_atoms, return_agg_idx=True)
+            trip_idx_e2a = _with_pad_width(get_mixed_triplets(main_graph, a2ee2a_graph, n_atoms, return_agg_idx=True))
             # the a2ee2a graph is sorted by target, as the padded aggregation needs
             a2ee2a_graph[TARGET_NEIGHBOR_IDX] = inner_index(a2ee2a_graph[K.EDGE_INDEX][1], n_atoms)
+            a2ee2a_graph[PAD_WIDTH] = inner_size(a2ee2a_graph[TARGET_NEIGHBOR_IDX])
         if self.atom_interaction:
             a2a_graph[TARGET_NEIGHBOR_IDX] = inner_index(a2a_graph[K.EDGE_INDEX][1], n_atoms)
+            a2a_graph[PAD_WIDTH] = inner_size(a2a_graph[TARGET_NEIGHBOR_IDX])
 
-        return dict(
-            main_graph=main_graph,
-            a2a_graph=a2a_graph,
-            a2ee2a_graph=a2ee2a_graph,
-            qint_graph=qint_graph,
-            id_swap=id_swap,
-            trip_idx_e2e=trip_idx_e2e,
-            trip_idx_a2e=trip_idx_a2e,
-            trip_idx_e2a=trip_idx_e2a,
+        def index_only(graph: dict) -> dict:  # geometry comes from the positions, in the body
+            return {k: v for k, v in graph.items() if k not in (G.DISTANCE, K.EDGE_VECTOR)}
+
+        out = dict(
+            # the radius graph all others are taken from: the only one whose geometry is computed
+            parent={K.EDGE_INDEX: parent[K.EDGE_INDEX],
+                    G.EDGE_SHIFT: G.edge_shifts(cell, batch_vec, parent[K.EDGE_INDEX], parent[K.CELL_OFFSET], pos.dtype)},
+            main_graph=index_only(main_graph), a2a_graph=index_only(a2a_graph),
+            a2ee2a_graph=index_only(a2ee2a_graph), qint_graph=index_only(qint_graph),
+            id_swap=id_swap, trip_idx_e2e=trip_idx_e2e, trip_idx_a2e=trip_idx_a2e, trip_idx_e2a=trip_idx_e2a,
             quad_idx=quad_idx,
-            batch=batch_vec,
-            natoms=natoms,
         )
+        if not self.extensive:
+            out[_STRUCTURE_SIZE] = natoms[batch_vec]
+        return out
+
+    @staticmethod
+    def _geometry(pos: torch.Tensor, g: dict) -> dict:
+        """``g`` with distances and unit vectors of every graph's edges: those of the parent
+        radius graph from ``pos``, the others taken from them (as the graphs were derived)."""
+        distance, vector = G.edge_vectors(pos, g["parent"][K.EDGE_INDEX], g["parent"][G.EDGE_SHIFT])
+        g = dict(g)
+        a2a_is_parent = bool(g["a2a_graph"])
+        if a2a_is_parent:
+            g["a2a_graph"] = {**g["a2a_graph"], G.DISTANCE: distance, K.EDGE_VECTOR: vector}
+        # in the order the eager graph code derived them (a2a parent: main first; else main last),
+        # so that gradients reach the parent's geometry in the same order, to the bit
+        order = ("main_graph", "a2ee2a_graph", "qint_graph") if a2a_is_parent else ("qint_graph", "main_graph")
+        for name in order:
+            if g[name]:
+                edge = g[name][_PARENT_EDGE]
+                vec = vector[edge]
+                if name == "main_graph":
+                    vec = vec * g[name][_DIRECTION][:, None]
+                g[name] = {**g[name], G.DISTANCE: distance[edge], K.EDGE_VECTOR: vec}
+        return g
 
     # ------------------------------------------------------------------------------------------
     # bases
@@ -469,39 +502,41 @@ class GemNetOC(PotentialModel):
         main, a2a, a2ee2a, qint = g["main_graph"], g["a2a_graph"], g["a2ee2a_graph"], g["qint_graph"]
         trip_e2e, trip_a2e, trip_e2a, quad_idx = g["trip_idx_e2e"], g["trip_idx_a2e"], g["trip_idx_e2a"], g["quad_idx"]
 
-        rad_main = self.radial_basis(main[DISTANCE])
-        cos_e2e = _cos_clamped(main[VECTOR][trip_e2e["out"]], main[VECTOR][trip_e2e["in"]])
-        rad_cir_e2e, cir_e2e = self.cbf_basis_tint(main[DISTANCE], cos_e2e)
+        rad_main = self.radial_basis(main[G.DISTANCE])
+        cos_e2e = _cos_clamped(main[K.EDGE_VECTOR][trip_e2e["out"]], main[K.EDGE_VECTOR][trip_e2e["in"]])
+        rad_cir_e2e, cir_e2e = self.cbf_basis_tint(main[G.DISTANCE], cos_e2e)
 
         bases_qint: dict = {}
         if self.quad_interaction:
-            cos_cab, cos_abd, dihedral = self._quad_angles(main[VECTOR], qint[VECTOR], quad_idx)
-            rad_cir_q, cir_q = self.cbf_basis_qint(qint[DISTANCE], cos_abd)
+            cos_cab, cos_abd, dihedral = self._quad_angles(main[K.EDGE_VECTOR], qint[K.EDGE_VECTOR], quad_idx)
+            rad_cir_q, cir_q = self.cbf_basis_qint(qint[G.DISTANCE], cos_abd)
             rad_sph_q, sph_q = self.sbf_basis_qint(
-                main[DISTANCE], cos_cab[quad_idx["trip_out_to_quad"]], dihedral
+                main[G.DISTANCE], cos_cab[quad_idx["trip_out_to_quad"]], dihedral
             )
             bases_qint["rad"] = self.mlp_rbf_qint(rad_main)
             bases_qint["cir"] = self.mlp_cbf_qint(
                 rad_basis=rad_cir_q, sph_basis=cir_q, idx_sph_outer=quad_idx["triplet_in"]["out"]
             )
             bases_qint["sph"] = self.mlp_sbf_qint(
-                rad_basis=rad_sph_q, sph_basis=sph_q, idx_sph_outer=quad_idx["out"], idx_sph_inner=quad_idx["out_agg"]
+                rad_basis=rad_sph_q, sph_basis=sph_q, idx_sph_outer=quad_idx["out"], idx_sph_inner=quad_idx["out_agg"],
+                sph_inner_size=quad_idx[PAD_WIDTH],
             )
 
         bases_a2e: dict = {}
         if self.atom_edge_interaction:
-            rad_a2ee2a = self.radial_basis_aeaint(a2ee2a[DISTANCE])
-            cos_a2e = _cos_clamped(main[VECTOR][trip_a2e["out"]], a2ee2a[VECTOR][trip_a2e["in"]])
-            rad_cir_a2e, cir_a2e = self.cbf_basis_aeint(main[DISTANCE], cos_a2e)
+            rad_a2ee2a = self.radial_basis_aeaint(a2ee2a[G.DISTANCE])
+            cos_a2e = _cos_clamped(main[K.EDGE_VECTOR][trip_a2e["out"]], a2ee2a[K.EDGE_VECTOR][trip_a2e["in"]])
+            rad_cir_a2e, cir_a2e = self.cbf_basis_aeint(main[G.DISTANCE], cos_a2e)
             bases_a2e["rad"] = self.mlp_rbf_aeint(rad_a2ee2a)
             bases_a2e["cir"] = self.mlp_cbf_aeint(
-                rad_basis=rad_cir_a2e, sph_basis=cir_a2e, idx_sph_outer=trip_a2e["out"], idx_sph_inner=trip_a2e["out_agg"]
+                rad_basis=rad_cir_a2e, sph_basis=cir_a2e, idx_sph_outer=trip_a2e["out"], idx_sph_inner=trip_a2e["out_agg"],
+                sph_inner_size=trip_a2e[PAD_WIDTH],
             )
 
         bases_e2a: dict = {}
         if self.edge_atom_interaction:
-            cos_e2a = _cos_clamped(a2ee2a[VECTOR][trip_e2a["out"]], main[VECTOR][trip_e2a["in"]])
-            rad_cir_e2a, cir_e2a = self.cbf_basis_eaint(a2ee2a[DISTANCE], cos_e2a)
+            cos_e2a = _cos_clamped(a2ee2a[K.EDGE_VECTOR][trip_e2a["out"]], main[K.EDGE_VECTOR][trip_e2a["in"]])
+            rad_cir_e2a, cir_e2a = self.cbf_basis_eaint(a2ee2a[G.DISTANCE], cos_e2a)
             bases_e2a["rad"] = self.mlp_rbf_eaint(rad_main)
             bases_e2a["cir"] = self.mlp_cbf_eaint(
                 rad_basis=rad_cir_e2a,
@@ -511,21 +546,25 @@ class GemNetOC(PotentialModel):
                 idx_sph_outer=trip_e2a["out"],
                 idx_sph_inner=trip_e2a["out_agg"],
                 num_atoms=num_atoms,
+                rad_inner_size=a2ee2a[PAD_WIDTH],
+                sph_inner_size=trip_e2a[PAD_WIDTH],
             )
 
         basis_a2a_rad = None
         if self.atom_interaction:
             basis_a2a_rad = self.mlp_rbf_aint(
-                rad_basis=self.radial_basis_aint(a2a[DISTANCE]),
+                rad_basis=self.radial_basis_aint(a2a[G.DISTANCE]),
                 idx_rad_outer=a2a[K.EDGE_INDEX][1],
                 idx_rad_inner=a2a[TARGET_NEIGHBOR_IDX],
                 num_atoms=num_atoms,
+                rad_inner_size=a2a[PAD_WIDTH],
             )
 
         bases_e2e = {
             "rad": self.mlp_rbf_tint(rad_main),
             "cir": self.mlp_cbf_tint(
-                rad_basis=rad_cir_e2e, sph_basis=cir_e2e, idx_sph_outer=trip_e2e["out"], idx_sph_inner=trip_e2e["out_agg"]
+                rad_basis=rad_cir_e2e, sph_basis=cir_e2e, idx_sph_outer=trip_e2e["out"], idx_sph_inner=trip_e2e["out_agg"],
+                sph_inner_size=trip_e2e[PAD_WIDTH],
             ),
         }
         return dict(
@@ -540,41 +579,55 @@ class GemNetOC(PotentialModel):
         )
 
     # ------------------------------------------------------------------------------------------
-    # forward
+    # body
     # ------------------------------------------------------------------------------------------
-    def forward(self, batch, features=()) -> dict[str, torch.Tensor]:
-        """Energy [S], forces [N, 3], atom_energy [N] (raw units) and the requested features.
+    def body(self, pos: torch.Tensor, atomic_numbers: torch.Tensor, graph: dict, wanted) -> dict[str, torch.Tensor]:
+        """Atom energies, direct forces and features (raw units).
 
         Args:
-            batch: PyG ``Data``/``Batch`` with ``pos, atomic_numbers, natoms, cell, pbc, tags``.
-            features: any of ``node`` (x_E [N, emb_atom]), ``edge`` (x_F [E, emb_edge] of the
-                main graph, returned with ``edge_index``, ``edge_vector``, ``cell_offset``),
-                ``e2n`` and ``e2v`` (their per-atom sums, see :mod:`kdcache.features`).
+            pos: ``[N, 3]`` positions.
+            atomic_numbers: ``[N]``.
+            graph: from :meth:`make_graph`.
+            wanted: any of ``node`` (x_E [N, emb_atom], always returned), ``edge`` (x_F
+                [E, emb_edge] of the main graph, with ``edge_index``, ``edge_vector``,
+                ``cell_offset``), ``e2n`` and ``e2v`` (their per-atom sums, see
+                :mod:`kdcache.features`; computed only when asked for).
         """
-        wanted = self.check_features(features)
-        gradient_forces = self.regress_forces and not self.direct_forces
-        with torch.set_grad_enabled(torch.is_grad_enabled() or gradient_forces):
-            # positions (and, in build_graphs, the cell) follow the model's precision
-            pos = batch[K.POSITIONS].to(self.atom_emb.embeddings.weight.dtype)
-            if gradient_forces and not pos.requires_grad:
-                pos = pos.detach().requires_grad_(True)
-            return self._forward(batch, pos, wanted, gradient_forces)
-
-    def _forward(self, data, pos: torch.Tensor, wanted: frozenset, gradient_forces: bool) -> dict:
-        z = data[K.ATOMIC_NUMBERS].long()
-        num_atoms = z.shape[0]
-        if num_atoms and (int(z.min()) < 1 or int(z.max()) > self.atom_emb.embeddings.num_embeddings):
-            raise DataError(
-                "<batch>", None, K.ATOMIC_NUMBERS,
-                f"atomic numbers must lie in 1..{self.atom_emb.embeddings.num_embeddings}, "
-                f"got {int(z.min())}..{int(z.max())}",
-            )
-        g = self.build_graphs(pos, data)
+        g = self._geometry(pos, graph)
+        num_atoms = pos.shape[0]
         main = g["main_graph"]
         edge_index = main[K.EDGE_INDEX]
-        idx_t = edge_index[1]
-        b = self.get_bases(g, num_atoms)
+        xs_E, xs_F = self._interactions(atomic_numbers, g, self.get_bases(g, num_atoms))
 
+        node = self.out_mlp_E(torch.cat(xs_E, dim=-1))  # x_E [N, emb_atom]
+        atom_energy = self.out_energy(node).squeeze(-1)  # [N]
+        if not self.extensive:
+            # per-atom shares of a mean, so that they still sum to the structure's energy
+            atom_energy = atom_energy / g[_STRUCTURE_SIZE].to(atom_energy.dtype)
+        out = {K.ATOM_ENERGY: atom_energy, K.NODE: node}
+        if not self.direct_forces:
+            return out  # gradient forces: -dE/dpos, taken by the base class; no edge features
+
+        edge = self.out_mlp_F(torch.cat(xs_F, dim=-1))  # x_F [E, emb_edge]
+        if self.regress_forces:
+            f_st = self.out_forces(edge)  # [E, 1]
+            if self.forces_coupled:
+                # |F_st| = |F_ts|: average each edge with its counter-edge
+                f_st = (f_st + f_st[g["id_swap"]]) / 2
+            f_vec = f_st * main[K.EDGE_VECTOR]  # [E, 3] along each edge, onto its target
+            out[K.FORCES] = f_vec.new_zeros(num_atoms, 3).index_add_(0, edge_index[1], f_vec)
+        out.update({K.EDGE: edge, K.EDGE_INDEX: edge_index, K.EDGE_VECTOR: main[K.EDGE_VECTOR],
+                    K.CELL_OFFSET: main[K.CELL_OFFSET]})
+        if K.E2N in wanted or K.E2V in wanted:
+            out.update(aggregate_edge_features(edge, edge_index, main[K.EDGE_VECTOR], num_atoms,
+                                               want_e2n=K.E2N in wanted, want_e2v=K.E2V in wanted))
+        return out
+
+    def _interactions(self, z: torch.Tensor, g: dict, b: dict) -> tuple[list, list]:
+        """Embeddings, then the interaction blocks; the atom (x_E) and edge (x_F) outputs of the
+        embedding and of every block, for the global output MLPs."""
+        edge_index = g["main_graph"][K.EDGE_INDEX]
+        idx_t = edge_index[1]
         h = self.atom_emb(z)
         m = self.edge_emb(h, b["rad_main"], edge_index)
         x_E, x_F = self.out_blocks[0](h, m, b["basis_output"], idx_t)
@@ -601,48 +654,4 @@ class GemNetOC(PotentialModel):
             x_E, x_F = self.out_blocks[i + 1](h, m, b["basis_output"], idx_t)
             xs_E.append(x_E)
             xs_F.append(x_F)
-
-        # --- energy ---
-        node = self.out_mlp_E(torch.cat(xs_E, dim=-1))  # x_E [N, emb_atom]
-        atom_energy = self.out_energy(node).squeeze(-1)  # [N]
-        batch_vec, natoms = g["batch"], g["natoms"]
-        n_struct = natoms.shape[0]
-        if not self.extensive:
-            # per-atom shares of a mean, so that they still sum to the structure's energy
-            atom_energy = atom_energy / natoms[batch_vec].to(atom_energy.dtype)
-        energy = atom_energy.new_zeros(n_struct).index_add_(0, batch_vec, atom_energy)
-        out = {K.ENERGY: energy, K.ATOM_ENERGY: atom_energy}
-        if K.NODE in wanted:
-            out[K.NODE] = node
-
-        # --- forces ---
-        edge = None
-        if self.direct_forces:
-            edge = self.out_mlp_F(torch.cat(xs_F, dim=-1))  # x_F [E, emb_edge]
-        if self.regress_forces:
-            if self.direct_forces:
-                f_st = self.out_forces(edge)  # [E, 1]
-                if self.forces_coupled:
-                    # |F_st| = |F_ts|: average each edge with its counter-edge
-                    f_st = (f_st + f_st[g["id_swap"]]) / 2
-                f_vec = f_st * main[VECTOR]  # [E, 3] along each edge, onto its target
-                out[K.FORCES] = f_vec.new_zeros(num_atoms, 3).index_add_(0, idx_t, f_vec)
-            else:
-                (grad,) = torch.autograd.grad(
-                    energy, pos, grad_outputs=torch.ones_like(energy), create_graph=self.training
-                )
-                out[K.FORCES] = -grad
-
-        # --- edge features ---
-        if K.EDGE in wanted:
-            out[K.EDGE] = edge
-            out[K.EDGE_INDEX] = edge_index
-            out[K.EDGE_VECTOR] = main[VECTOR]
-            out[K.CELL_OFFSET] = main[K.CELL_OFFSET]
-        if wanted & {K.E2N, K.E2V}:
-            out.update(
-                aggregate_edge_features(
-                    edge, edge_index, main[VECTOR], num_atoms, want_e2n=K.E2N in wanted, want_e2v=K.E2V in wanted
-                )
-            )
-        return out
+        return xs_E, xs_F

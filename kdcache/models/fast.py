@@ -1,0 +1,201 @@
+"""The compiled path of every model: same weights, same outputs, the body compiled.
+
+:func:`fast_model` returns a *view* of a :class:`~kdcache.models.base.PotentialModel`: the same
+object type, the same submodules and parameters (shared, not copied: an optimiser step on one is
+a step on the other; ``state_dict``, checkpoints, ``predict`` and the feature hand-out are
+unchanged), whose forward runs:
+
+1. the graph work eagerly — :meth:`~kdcache.models.base.PotentialModel.graph_of`: radius graphs,
+   symmetrisation, triplets, everything with data-dependent shapes and host syncs;
+2. :meth:`~kdcache.models.base.PotentialModel.body` (edge geometry, message passing, heads)
+   compiled by ``torch.compile`` (inductor) with dynamic shapes: a new batch size, atom count or
+   edge count reuses the compiled code (sizes 0 and 1 would each specialise it, so graphs that
+   small run eagerly). Gradient forces ``-dE/dpos`` are taken *inside* the compiled region with
+   ``torch.func.vjp``, so training differentiates the forces again (a force loss) through one
+   compiled forward and backward (AOTAutograd cannot differentiate a compiled backward twice);
+3. energies per structure, units and features as the eager path (the base class).
+
+The eager model stays the reference: outputs agree to float32 round-off (``tests/models/test_fast.py``).
+
+Compilation: the first call per (model, gradient mode, feature request) compiles. Inductor's FX
+graph cache and the AOTAutograd cache make a second process cheap; they live under
+``TORCHINDUCTOR_CACHE_DIR``, set here (when unset) to ``$XDG_CACHE_HOME/kdcache/inductor``
+(default ``~/.cache/kdcache/inductor``) so every run of kdcache shares one.
+
+Precision (``precision=``):
+
+* ``"float32"`` (default): the model's own dtype throughout; agrees with the eager path to
+  round-off (float32: relative ~1e-5 on energies and forces).
+* ``"tf32"``: float32 tensors, CUDA matmuls with TF32 inputs (10-bit mantissa) while the model
+  runs (a no-op on the CPU). Force errors grow to ~1e-3 relative to the largest force, above the
+  float32 tolerance: for screening and MD, not for parity checks.
+* ``"bf16"``: ``torch.autocast`` to bfloat16 (matmuls and what follows them in bf16, results cast
+  back to float32). Measured on painn-tiny on the CPU (``tests/models/test_fast.py``): forces
+  within ~2e-2 of the largest force. Not within the float32 tolerance; for throughput-bound
+  inference only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from kdcache import keys as K
+from kdcache.models.base import PotentialModel
+
+PRECISIONS = ("float32", "tf32", "bf16")
+
+#: one compiled entry per model instance, gradient mode and feature request, all of the same
+#: kernel function: dynamo's default limit of 8 would silently fall back to eager in a process
+#: that holds a teacher and students (or a test session)
+RECOMPILE_LIMIT = 64
+
+
+def inductor_cache_dir() -> Path:
+    """Where inductor's on-disk caches live: ``TORCHINDUCTOR_CACHE_DIR``, which this sets (unless
+    the user did) to ``$XDG_CACHE_HOME/kdcache/inductor`` (default ``~/.cache/kdcache/inductor``).
+
+    torch writes its own default (a per-user directory under /tmp, cleared on reboot) into the
+    variable the first time anything asks for it — importing torch_geometric does — so that
+    value counts as unset.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(base) / "kdcache" / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def _kernel(model: PotentialModel, pos: torch.Tensor, atomic_numbers: torch.Tensor, graph: dict,
+            wanted: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The compiled region: the body and, for gradient forces, ``-d(total energy)/dpos``."""
+    if not model.gradient_forces:
+        return model.body(pos, atomic_numbers, graph, wanted)
+
+    def energy(p: torch.Tensor):
+        out = model.body(p, atomic_numbers, graph, wanted)
+        return model.total_energy(out[K.ATOM_ENERGY], graph), out
+
+    total, vjp, out = torch.func.vjp(energy, pos, has_aux=True)
+    (grad,) = vjp(torch.ones_like(total))
+    return {**out, K.FORCES: -grad}
+
+
+def _tiny(pos: torch.Tensor, graph: dict) -> bool:
+    """True when a size the compiled code treats as dynamic is 0 or 1 (which it would specialise:
+    one more compilation for a single atom, an empty quadruplet graph, ...)."""
+    if pos.shape[0] < 2:
+        return True
+    for value in torch.utils._pytree.tree_leaves(graph):
+        if isinstance(value, torch.Tensor) and any(d < 2 for d in value.shape):
+            return True
+        if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+            return True
+    return False
+
+
+class FastPath:
+    """The compiled forward of a :func:`fast_model` view (see the module docstring).
+
+    Holds no model state, so a deep copy of a view (an EMA copy) shares it.
+
+    Args:
+        precision: ``"float32"``, ``"tf32"`` or ``"bf16"`` (module docstring: tolerances).
+    """
+
+    def __init__(self, precision: str = "float32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        self.precision = precision
+        inductor_cache_dir()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self.kernel = torch.compile(_kernel, dynamic=True, fullgraph=True)
+
+    def __deepcopy__(self, memo) -> "FastPath":
+        return self
+
+    def _precision(self, device: torch.device):
+        if self.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        if self.precision == "tf32" and device.type == "cuda":
+            return _tf32()
+        return contextlib.nullcontext()
+
+    def __call__(self, model: PotentialModel, batch, features: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """:meth:`PotentialModel.forward` of ``model``, compiled (same arguments, same results)."""
+        wanted = model.check_features(features)
+        keep_graph = model._caller_differentiates(batch)
+        inputs = model.prepare_inputs(batch, autograd_forces=False)
+        graph = model.graph_of(inputs)
+        if _tiny(inputs.pos, graph):
+            return eager_model(model)(batch, features)
+        # the graph of the outputs only where the caller differentiates them (as the eager path)
+        with torch.set_grad_enabled(keep_graph):
+            # sizes may coincide in one batch (edges of two graphs, atoms and edges) and not in
+            # the next: one symbol per size, or the next batch recompiles
+            with torch.fx.experimental._config.patch(use_duck_shape=False), self._precision(inputs.pos.device):
+                body = self.kernel(model, inputs.pos, inputs.atomic_numbers, graph, tuple(sorted(wanted)))
+            dtype = inputs.pos.dtype
+            body = {k: v.to(dtype) if v.is_floating_point() else v for k, v in body.items()}
+            out = model._outputs(inputs, body, wanted, keep_graph)
+        if not keep_graph:
+            out = {k: v.detach() for k, v in out.items()}
+        return out
+
+
+@contextlib.contextmanager
+def _tf32():
+    """TF32 CUDA matmuls while the model runs, the process's setting restored after."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def fast_model(model: PotentialModel, precision: str = "float32") -> PotentialModel:
+    """The compiled view of a model (module docstring): same weights, same outputs.
+
+    Args:
+        model: a :class:`~kdcache.models.base.PotentialModel` that implements ``make_graph`` and
+            ``body`` (every kdcache architecture does). Already a view: returned as it is when
+            the precision matches.
+        precision: ``"float32"`` (default), ``"tf32"`` or ``"bf16"`` (tolerances: module docstring).
+
+    Returns:
+        A shallow copy of ``model`` (same class, shared submodules, parameters and buffers) whose
+        forward is compiled.
+
+    Raises:
+        TypeError: the model's body is not split into ``make_graph`` and ``body``.
+    """
+    if not isinstance(model, PotentialModel):
+        raise TypeError(f"fast_model needs a PotentialModel, not {type(model).__name__}")
+    if type(model).body is PotentialModel.body or type(model).make_graph is PotentialModel.make_graph:
+        raise TypeError(f"{type(model).__name__} implements compute() only: it has no compiled path")
+    if model.fast_path is not None and model.fast_path.precision == precision:
+        return model
+    view = copy.copy(model)  # new attribute dict; _modules/_parameters/_buffers shared
+    view.fast_path = FastPath(precision)
+    return view
+
+
+def eager_model(model: PotentialModel) -> PotentialModel:
+    """The eager view of a model (itself when it is not a :func:`fast_model` view)."""
+    if model.fast_path is None:
+        return model
+    view = copy.copy(model)
+    view.fast_path = None
+    return view
+
+
+__all__ = ["FastPath", "PRECISIONS", "eager_model", "fast_model", "inductor_cache_dir"]
