@@ -12,11 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
 
 from kdcache.errors import ConfigError
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks (the identity of checkpoints and input files).
+
+    Args:
+        path: the file.
+        chunk_size: bytes read at once.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
 
 #: errnos that mean "this could not be written" (rather than "could not be found/read")
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}

@@ -467,8 +467,8 @@ class NeighborList:
     neighbour limit: the result is the fresh graph, edge for edge and in the same order, with
     exact ties cut the same way. The work saved is the pair search over all periodic images.
 
-    :meth:`cached` goes one step further for a model: its whole graph (symmetrisation, triplets,
-    per-edge shifts, ...) is reused while the radius graphs it was derived from are unchanged.
+    :meth:`cached` goes one step further for a model: the work derived from its edge sets
+    (symmetrisation, triplets, per-edge shifts, ...) is reused while they are unchanged.
 
     A list belongs to one set of atoms. Cell, pbc and atom counts are checked on every call (a
     change rebuilds); atomic numbers and tags are the caller's to keep (the ASE calculator starts
@@ -488,8 +488,7 @@ class NeighborList:
         self.builds = 0
         self._built: dict | None = None  # cutoff, pos, cell, pbc, natoms; candidate t, s, n = -o
         self._step: tuple[torch.Tensor, dict] | None = None  # positions, {request: graph}
-        self._memo: dict[int, tuple] = {}  # id(owner) -> (generation, requests, value)
-        self._recording: list | None = None
+        self._memo: dict = {}  # owner -> (generation, key, value)
         self._generation = 0  # bumped by every build: cached graphs carry cell-dependent shifts
 
     def _stale(self, pos: torch.Tensor, cell, pbc, natoms, cutoff: float) -> bool:
@@ -534,10 +533,7 @@ class NeighborList:
                 if self._stale(pos, cell, pbc, natoms, request[0]):
                     self._build(pos, cell, pbc, natoms, request[0])
                 results[request] = self._refine(pos, cell, pbc, natoms, *request)
-            graph = results[request]
-        if self._recording is not None:
-            self._recording.append((request, graph))
-        return graph
+            return results[request]
 
     def _refine(self, pos, cell, pbc, natoms, cutoff: float, max_neighbors, strict: bool, tie_break: str):
         b = self._built
@@ -555,37 +551,28 @@ class NeighborList:
         return _limit_neighbors(t[keep], s[keep], -n[keep], dsq[keep], natoms, pos.shape[0], max_neighbors, strict,
                                 tie_break)
 
-    def cached(self, owner: object, pos: torch.Tensor, structures: "Structures", build):
-        """``build()`` — a model's graph, derived from :meth:`radius_graph` calls — reused while
-        every radius graph it asked for is unchanged (and the list was not rebuilt meanwhile).
+    def cached(self, owner: object, key: Sequence[torch.Tensor], build):
+        """``build()``, reused from the previous call for ``owner`` while every tensor of ``key``
+        is unchanged and the list was not rebuilt meanwhile (a rebuild may mean a new cell).
 
         Args:
-            owner: whose graph it is (one cached graph per owner, e.g. the model).
-            pos: current positions.
-            structures: current cell, pbc, natoms (:class:`Structures`).
-            build: computes the graph, calling :meth:`radius_graph` with these ``pos``/``structures``.
+            owner: whose work it is, hashable (one cached value per owner: the model, or the
+                settings the work depends on).
+            key: the tensors ``build`` depends on (e.g. the edge sets a model's graph is derived
+                from; everything else it reads must be fixed for the structure).
+            build: computes the value.
         """
-        cell, pbc, natoms, _ = structures
-        entry = self._memo.get(id(owner))
+        key = tuple(key)
+        entry = self._memo.get(owner)
         if entry is not None:
-            generation, requests, value = entry
-            same = all(
-                _same_edges(self.radius_graph(pos, cell, pbc, natoms, *request), graph) for request, graph in requests
-            )
-            if same and generation == self._generation:
+            generation, old_key, value = entry
+            if generation == self._generation and len(old_key) == len(key) and all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(old_key, key)
+            ):
                 return value
-        self._recording = []
-        try:
-            value = build()
-            requests = self._recording
-        finally:
-            self._recording = None
-        self._memo[id(owner)] = (self._generation, requests, value)
+        value = build()
+        self._memo[owner] = (self._generation, key, value)
         return value
-
-
-def _same_edges(a: tuple, b: tuple) -> bool:
-    return a[0].shape == b[0].shape and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def seed_candidates(atoms, index: int, settings: CandidateSettings) -> tuple[lis
 
 def seed_files(dataset) -> list[dict]:
     """Each file of the seed set with its size and SHA-256."""
-    from kdcache.models.checkpoint import file_sha256
+    from kdcache.fs import file_sha256
 
     paths = getattr(dataset, "paths", None) or [dataset.path]
     return [{"path": str(Path(p).resolve()), "size": Path(p).stat().st_size, "sha256": file_sha256(p)} for p in paths]

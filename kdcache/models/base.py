@@ -167,6 +167,20 @@ class ModelInputs:
         build = G.radius_graph_pbc if self.neighbor_list is None else self.neighbor_list.radius_graph
         return build(self.pos, cell, pbc, natoms, cutoff, max_neighbors, strict)
 
+    def derived(self, owner: object, key, build):
+        """``build()``: work that depends on the tensors of ``key`` alone (and on what is fixed
+        for a structure: cell, tags), reused by the batch's neighbour list while ``key`` is
+        unchanged (:meth:`kdcache.graph.NeighborList.cached`); without a list, just ``build()``.
+
+        Args:
+            owner: whose work it is (the model).
+            key: tensors, e.g. the edge sets a graph is derived from.
+            build: computes it.
+        """
+        if self.neighbor_list is None:
+            return build()
+        return self.neighbor_list.cached(owner, key, build)
+
     @property
     def num_atoms(self) -> int:
         return self.pos.shape[0]
@@ -226,10 +240,10 @@ class PotentialModel(nn.Module):
         the positions and atomic numbers (index tensors, per-edge shifts from
         :func:`kdcache.graph.edge_shifts`, and the python ints that size padded tensors).
 
-        Nothing in it may depend on the positions' values other than through which edges exist:
-        it is built outside the compiled region and reused across MD steps
-        (:meth:`kdcache.graph.NeighborList.cached`). Radius graphs come from
-        :meth:`ModelInputs.radius_graph`.
+        Its values may depend on the positions only through which edges exist (distances are the
+        body's): it is built outside the compiled region. Radius graphs come from
+        :meth:`ModelInputs.radius_graph` (a neighbour list's, in MD), and work derived from edge
+        sets alone goes through :meth:`ModelInputs.derived`, which MD steps reuse.
 
         Args:
             inputs: the prepared batch.
@@ -254,15 +268,8 @@ class PotentialModel(nn.Module):
         """
         raise NotImplementedError
 
-    def graph_of(self, inputs: ModelInputs) -> dict:
-        """:meth:`make_graph`, or the graph cached by the batch's neighbour list while its radius
-        graphs are unchanged (molecular dynamics)."""
-        if inputs.neighbor_list is None:
-            return self.make_graph(inputs)
-        return inputs.neighbor_list.cached(self, inputs.pos, inputs.structures, lambda: self.make_graph(inputs))
-
     def compute(self, inputs: ModelInputs, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
-        """The architecture's body on a prepared batch: :meth:`body` on :meth:`graph_of`.
+        """The architecture's body on a prepared batch: :meth:`body` on :meth:`make_graph`.
 
         Args:
             inputs: the prepared batch (positions to differentiate by, structures).
@@ -271,7 +278,7 @@ class PotentialModel(nn.Module):
         Returns:
             what :meth:`body` returns.
         """
-        return self.body(inputs.pos, inputs.atomic_numbers, self.graph_of(inputs), wanted)
+        return self.body(inputs.pos, inputs.atomic_numbers, self.make_graph(inputs), wanted)
 
     def total_energy(self, atom_energy: torch.Tensor, graph: dict) -> torch.Tensor:
         """Σ over structures of :meth:`structure_energy`, from the atom energies and the graph

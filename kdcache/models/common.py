@@ -35,11 +35,17 @@ def student_edges(inputs, cutoff: float, max_neighbors: int, symmetric: bool) ->
     """
     cell, _, natoms, batch = inputs.structures
     edge_index, offset, _ = inputs.radius_graph(cutoff, max_neighbors, strict=True)
-    if symmetric:
-        sym = G.symmetrize_edges(edge_index, offset, batch, natoms.shape[0], keep_self_image="positive")
-        edge_index, offset = sym.edge_index, sym.cell_offset
-    shift = G.edge_shifts(cell, batch, edge_index, offset, inputs.pos.dtype)
-    return {K.EDGE_INDEX: edge_index, K.CELL_OFFSET: offset, G.EDGE_SHIFT: shift}
+
+    def derive():
+        ei, off = edge_index, offset
+        if symmetric:
+            sym = G.symmetrize_edges(ei, off, batch, natoms.shape[0], keep_self_image="positive")
+            ei, off = sym.edge_index, sym.cell_offset
+        shift = G.edge_shifts(cell, batch, ei, off, inputs.pos.dtype)
+        return {K.EDGE_INDEX: ei, K.CELL_OFFSET: off, G.EDGE_SHIFT: shift}
+
+    # owner: one cache entry per graph kind (a PaiNN and a SchNet may share a neighbour list)
+    return inputs.derived((student_edges, cutoff, max_neighbors, symmetric), (edge_index, offset), derive)
 
 
 def student_geometry(pos: torch.Tensor, graph: dict):

@@ -5,7 +5,7 @@ object type, the same submodules and parameters (shared, not copied: an optimise
 a step on the other; ``state_dict``, checkpoints, ``predict`` and the feature hand-out are
 unchanged), whose forward runs:
 
-1. the graph work eagerly — :meth:`~kdcache.models.base.PotentialModel.graph_of`: radius graphs,
+1. the graph work eagerly — :meth:`~kdcache.models.base.PotentialModel.make_graph`: radius graphs,
    symmetrisation, triplets, everything with data-dependent shapes and host syncs;
 2. :meth:`~kdcache.models.base.PotentialModel.body` (edge geometry, message passing, heads)
    compiled by ``torch.compile`` (inductor) with dynamic shapes: a new batch size, atom count or
@@ -133,7 +133,7 @@ class FastPath:
         wanted = model.check_features(features)
         keep_graph = model._caller_differentiates(batch)
         inputs = model.prepare_inputs(batch, autograd_forces=False)
-        graph = model.graph_of(inputs)
+        graph = model.make_graph(inputs)
         if _tiny(inputs.pos, graph):
             return eager_model(model)(batch, features)
         # the graph of the outputs only where the caller differentiates them (as the eager path)

@@ -6,7 +6,6 @@ file in its constructor needs nothing from the checkpoint loader (which builds m
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -17,20 +16,7 @@ from pathlib import Path
 import torch
 
 from kdcache.errors import CheckpointError
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks.
-
-    Args:
-        path: the file.
-        chunk_size: bytes read at once.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
+from kdcache.fs import file_sha256  # noqa: F401  (re-exported: the checkpoint loader names files by it)
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False, what: str = "checkpoint") -> dict:

@@ -5,7 +5,6 @@ small so that an API change touches one function here.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -139,27 +138,10 @@ def train_outputs(out: Path) -> dict:
 _EXTRACT_OWNED = {"data": "data", "out": "out", "teacher": "teacher.preset", "checkpoint": "teacher.checkpoint",
                   "features": "store.features", "dtype": "store.dtype", "batch_size": "store.batch_size",
                   "device": "device"}
-#: annotation names whose values can be checked without running anything
-_ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
-
-
-def _annotation_types(annotation) -> tuple[type, ...] | None:
-    """The types an annotation such as ``"int | None"`` allows; None when it names anything else
-    (e.g. ``Sequence[str]``; the extractor checks those itself)."""
-    if isinstance(annotation, type):
-        return (annotation,)
-    if not isinstance(annotation, str):
-        return None
-    parts = [p.strip() for p in annotation.split("|")]
-    if not all(p in _ANNOTATION_TYPES for p in parts):
-        return None
-    return tuple(t for p in parts for t in _ANNOTATION_TYPES[p])
-
-
 def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
-    """Check ``store.options`` against ``kdcache extract``'s settings: known names, not one the
-    recipe sets elsewhere, a value of the annotated type, and one extraction accepts (its own
-    rules, :func:`kdcache.store.extract.check_settings`: a codec it knows, positive sizes...).
+    """Check ``store.options`` against ``kdcache extract``'s settings (its schema,
+    :class:`kdcache.store.request.ExtractRequest`): known names, not one the recipe sets
+    elsewhere, and values the extraction accepts (types, a codec it knows, positive sizes...).
 
     Args:
         options: setting -> value.
@@ -168,20 +150,15 @@ def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
     Raises:
         ConfigError: ``"<where(name)>: <what is wrong>"``.
     """
-    from kdcache.store.extract import check_settings, extract as run_extract
+    from kdcache.store.request import ExtractRequest
 
-    params = inspect.signature(run_extract).parameters
-    for k, v in options.items():
+    for k in options:
         if k in _EXTRACT_OWNED:
             raise ConfigError(f"{where(k)}: is set by the recipe's `{_EXTRACT_OWNED[k]}`; remove it here")
-        if k not in params:
-            known = ", ".join(p for p in params if p not in _EXTRACT_OWNED)
+        if k not in ExtractRequest.model_fields:
+            known = ", ".join(p for p in ExtractRequest.model_fields if p not in _EXTRACT_OWNED)
             raise ConfigError(f"{where(k)}: not a setting of kdcache extract; known: {known}")
-        types = _annotation_types(params[k].annotation)
-        if types is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in dict.fromkeys(types))
-            raise ConfigError(f"{where(k)}: expected {names}, got {v!r}")
-    check_settings(options, where)
+    ExtractRequest.check_options(options, where)
     return options
 
 

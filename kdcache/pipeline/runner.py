@@ -31,7 +31,8 @@ from kdcache.fs import ensure_output_folder
 from kdcache.pipeline import backends as B
 from kdcache.pipeline import report as R
 from kdcache.pipeline.recipe import Recipe, StrategySpec, load_recipe
-from kdcache.pipeline.stages import StageResult, file_sha256, path_fingerprint, run_stage
+from kdcache.fs import file_sha256
+from kdcache.pipeline.stages import StageResult, path_fingerprint, run_stage
 from kdcache.store.format import recorded_identity
 from kdcache.train.strategies import needed_features, teacher_features, teacher_kind
 

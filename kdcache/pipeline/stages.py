@@ -62,14 +62,6 @@ def path_fingerprint(path: str | Path) -> dict:
     return {"path": str(p.resolve()), "files": files}
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class StageResult:
     name: str

@@ -44,8 +44,6 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
                 continue
             try:
                 info = B.count_preset(spec.preset, **spec.overrides)
-            except ImportError as exc:
-                raise fail(f"{key}.preset", f"cannot build presets ({exc})") from None
             except ConfigError as exc:
                 raise fail(f"{key}.preset", str(exc)) from None
             except TypeError as exc:  # an override the constructor does not take

@@ -272,12 +272,12 @@ def _user_key(key: Any) -> str:
 
 def _check_student(student: str, overrides: dict, where: Callable[[str], str]) -> None:
     """The student exists (preset or model registry name) and takes every override."""
-    from kdcache.models import MODEL_CLASSES, model_class
+    from kdcache.models import MODEL_CLASSES, is_model_name, model_class
     from kdcache.models.presets import PRESETS
 
     if student in PRESETS:
         model = PRESETS[student][0]
-    elif student.lower().replace("-", "_") in MODEL_CLASSES:
+    elif is_model_name(student):
         model = student
     else:
         raise ConfigError(f"{where('student')}: unknown student {student!r}; presets: {', '.join(sorted(PRESETS))}; "

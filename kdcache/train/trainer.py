@@ -46,7 +46,7 @@ NORMALIZER_MAX_SAMPLES = 20000
 
 def build_student(name: str, overrides: dict | None = None) -> nn.Module:
     """A student from a preset name (``painn-tiny``) or a model registry name (``painn``)."""
-    from kdcache.models import MODEL_CLASSES, build_model
+    from kdcache.models import build_model, is_model_name
     from kdcache.models.presets import build_preset
 
     overrides = dict(overrides or {})
@@ -54,7 +54,7 @@ def build_student(name: str, overrides: dict | None = None) -> nn.Module:
         return build_preset(name, **overrides)
     except (KeyError, ValueError) as exc:
         preset_error = exc
-    if name.lower().replace("-", "_") in MODEL_CLASSES:
+    if is_model_name(name):
         return build_model(name, **overrides)
     raise ConfigError(f"unknown student {name!r}: {preset_error}")
 

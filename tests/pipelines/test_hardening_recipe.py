@@ -74,7 +74,7 @@ def test_code_in_a_recipe_checkpoint_never_runs(tmp_path):
     ("store:\n  dtype: float16\n  dtype: float32\n",
      "key 'store.dtype' is given twice (lines 6 and 7); keep one"),
     ("store: {options: {shard_atoms: lots}}\n", "key 'store.options.shard_atoms': expected int, got 'lots'"),
-    ("store: {options: {overwrite: 1}}\n", "key 'store.options.overwrite': expected bool, got 1"),
+    ("store: {options: {overwrite: 1}}\n", "key 'store.options.overwrite': expected true or false, got 1"),
     ("store: {options: {out: elsewhere}}\n", "key 'store.options.out': is set by the recipe's `out`"),
     ("store: {options: {shards: 2}}\n", "key 'store.options.shards': not a setting of kdcache extract"),
 ])

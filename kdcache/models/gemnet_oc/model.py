@@ -422,6 +422,21 @@ class GemNetOC(PotentialModel):
             qint_graph = self._subgraph(parent, batch_vec, n_struct, self.cutoff_qint, self.max_neighbors_qint, pc, pm)
             qint_graph = self._tagged_edges(qint_graph, inputs.data, batch_vec, n_struct)
 
+        # Everything below depends on these edge sets alone (and the cell, tags): MD steps whose
+        # selection did not change reuse it (ModelInputs.derived).
+        key = [t for graph in (parent, main_graph, a2ee2a_graph, qint_graph) if graph
+               for t in (graph[K.EDGE_INDEX], graph[K.CELL_OFFSET])]
+        return inputs.derived(self, key, lambda: self._derived_graph(
+            inputs, parent, main_graph, a2a_graph, a2ee2a_graph, qint_graph))
+
+    def _derived_graph(self, inputs: ModelInputs, parent: dict, main_graph: dict, a2a_graph: dict,
+                       a2ee2a_graph: dict, qint_graph: dict) -> dict:
+        """:meth:`make_graph` from the selected edge sets on: symmetrisation, interaction indices,
+        padded widths, per-edge shifts (the graphs' own dicts are not modified)."""
+        cell, _, natoms, batch_vec = inputs.structures
+        n_struct, n_atoms = natoms.shape[0], inputs.pos.shape[0]
+        dtype = inputs.pos.dtype
+        a2a_graph, a2ee2a_graph = dict(a2a_graph), dict(a2ee2a_graph)
         # every main edge needs its counter-edge for symmetric message passing
         main_graph = G.symmetrize_graph(main_graph, batch_vec, n_struct, keep_self_image="negative",
                                         odd_keys=(K.EDGE_VECTOR, _DIRECTION))
@@ -447,7 +462,7 @@ class GemNetOC(PotentialModel):
         out = dict(
             # the radius graph all others are taken from: the only one whose geometry is computed
             parent={K.EDGE_INDEX: parent[K.EDGE_INDEX],
-                    G.EDGE_SHIFT: G.edge_shifts(cell, batch_vec, parent[K.EDGE_INDEX], parent[K.CELL_OFFSET], pos.dtype)},
+                    G.EDGE_SHIFT: G.edge_shifts(cell, batch_vec, parent[K.EDGE_INDEX], parent[K.CELL_OFFSET], dtype)},
             main_graph=index_only(main_graph), a2a_graph=index_only(a2a_graph),
             a2ee2a_graph=index_only(a2ee2a_graph), qint_graph=index_only(qint_graph),
             id_swap=id_swap, trip_idx_e2e=trip_idx_e2e, trip_idx_a2e=trip_idx_a2e, trip_idx_e2a=trip_idx_e2a,
