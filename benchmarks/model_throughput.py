@@ -24,7 +24,7 @@ and FixAtoms on the subsurface, as OC20 S2EF samples (46-84 atoms, mean ~66; OC2
 Weights are random (speed does not depend on them); for MD the normaliser is scaled so that the
 RMS force on the free atoms of the start structure is 0.5 eV/Å, a realistic size.
 
-    python benchmarks/model_throughput.py --quick                  # tiny presets, ~1-2 minutes
+    python benchmarks/model_throughput.py --quick                  # tiny presets: ~30 s warm, ~4 min cold
     python benchmarks/model_throughput.py --threads 1 2            # OC20 presets (long: compiles)
     python benchmarks/model_throughput.py --presets painn-tiny schnet-tiny --sections inference
     python benchmarks/model_throughput.py --device cuda --json
@@ -396,7 +396,7 @@ def _header(argv: list[str], dtype, device) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"tiny presets, few structures and steps (~1-2 minutes): {QUICK}")
+                   help=f"tiny presets, few structures and steps (a check that the script works): {QUICK}")
     p.add_argument("--presets", nargs="+", default=None, help=f"inference presets (default {FULL['presets']})")
     p.add_argument("--train-presets", nargs="+", default=None,
                    help="training presets (default: the inference presets without GemNet-OC)")

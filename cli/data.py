@@ -139,22 +139,56 @@ def sample(
                                        "this (Å, periodic images included); drawn again instead."),
     attempts: int = typer.Option(10, "--attempts", help="Draws per wanted candidate before a seed gives up on it."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same file)."),
+    md_steps: int = typer.Option(0, "--md-steps", help="After the perturbation, run this many steps of MD (Langevin; "
+                                 "velocity Verlet with --md-friction 0) with --calculator or --model."),
+    md_temperature: float = typer.Option(300.0, "--md-temperature", help="MD temperature (K): the thermostat's and "
+                                         "the starting Maxwell-Boltzmann velocities'."),
+    md_timestep: float = typer.Option(1.0, "--md-timestep", help="MD time step (fs)."),
+    md_friction: float = typer.Option(0.01, "--md-friction", help="Langevin friction (1/fs); 0: NVE velocity Verlet."),
+    relax_steps: int = typer.Option(0, "--relax-steps", help="Instead of MD: relax this many steps with "
+                                    "--relax-optimizer (stops early below --relax-fmax)."),
+    relax_optimizer: str = typer.Option("FIRE", "--relax-optimizer", help="FIRE or BFGS (ase.optimize)."),
+    relax_fmax: float = typer.Option(0.05, "--relax-fmax", help="A relaxation stops once every force is below this "
+                                     "(eV/Å)."),
+    keep_every: int = typer.Option(0, "--keep-every", help="Keep a frame of the MD or relaxation every M steps, each a "
+                                   "candidate (0: the last frame only)."),
+    calculator: Optional[str] = typer.Option(None, "--calculator", help="The ASE calculator of the MD or relaxation, "
+                                             "ase:MODULE:FACTORY[:JSON-KWARGS], e.g. ase:ase.calculators.emt:EMT "
+                                             "(imports MODULE and runs its code)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Or a kdcache (or Open Catalyst) checkpoint that runs "
+                                         "the MD or relaxation."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where --model runs (default: cuda when present)."),
 ):
-    """Draw candidate structures from a seed set (rattles, strains, a minimum-distance filter),
-    for a teacher to label once: `kdcache extract --teacher ... --data OUT`, then
-    `kdcache train --labels teacher`.
+    """Draw candidate structures from a seed set (rattles, strains, a minimum-distance filter,
+    optionally a short MD run or relaxation of each), for a teacher to label once:
+    `kdcache extract --teacher ... --data OUT`, then `kdcache train --labels teacher`.
 
-    Deterministic for a --seed; the provenance (seed files and their SHA-256, settings, counts) is kept in the file.
+    Deterministic for a --seed (with a deterministic calculator); the provenance (seed files and their SHA-256,
+    settings, the calculator, counts) is kept in the file.
     """
     from tqdm import tqdm
 
-    from kdcache.data.candidates import CandidateSettings, write_candidates
+    from kdcache.data.candidates import CandidateSettings, Driver, write_candidates
+    from kdcache.errors import ConfigError
+    from kdcache.teachers.calculator import CalculatorSpec
 
     settings = CandidateSettings(per_seed=per_seed, rattle=rattle, strain=strain, min_distance=min_distance,
-                                 seed=seed, attempts=attempts)
+                                 seed=seed, attempts=attempts, md_steps=md_steps, md_temperature=md_temperature,
+                                 md_timestep=md_timestep, md_friction=md_friction, relax_steps=relax_steps,
+                                 relax_optimizer=relax_optimizer, relax_fmax=relax_fmax, keep_every=keep_every)
+    settings.check()  # before a calculator or model is built
+    if calculator is not None and model is not None:
+        raise ConfigError("--calculator and --model: give one (the calculator of the MD or relaxation)")
+    driver = None
+    if calculator is not None:
+        # parsed here, on the command line: a calculator spec imports and runs its module
+        driver = Driver.from_spec(CalculatorSpec.parse(calculator, "--calculator"))
+    elif model is not None:
+        driver = Driver.from_checkpoint(model, device)
     with tqdm(desc="seed structures", unit="structure") as bar:
-        meta = write_candidates(seed_data, out, settings, progress=bar.update)
+        meta = write_candidates(seed_data, out, settings, progress=bar.update, driver=driver)
     c = meta["counts"]
+    frames = f"; {c['rejected_frames']} MD/relaxation frames dropped by it" if settings.dynamics_steps else ""
     typer.echo(f"wrote {c['candidates']} candidates from {c['seed_structures']} seed structures to {out} "
-               f"({c['rejected_draws']} draws rejected by the {min_distance} Å minimum distance; "
+               f"({c['rejected_draws']} draws rejected by the {min_distance} Å minimum distance{frames}; "
                f"{len(c['seeds_short'])} seed structure(s) gave fewer than {per_seed})")

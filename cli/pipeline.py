@@ -21,9 +21,10 @@ def run(
     jobs: int = typer.Option(1, "--jobs", "-j", min=1,
                              help="student runs trained side by side (processes; on a GPU they share it)"),
 ):
-    """Train the teacher (if asked), extract its store once, train the baseline and one student per
-    strategy, evaluate all on the test split and write the report. Up-to-date stages are skipped;
-    an interrupted run resumes."""
+    """Sample unlabelled candidates of the training split (if asked), train the teacher (if asked),
+    extract its store once (of the candidates too, as their labels), train the baseline and one
+    student per strategy, evaluate all on the test split and write the report. Up-to-date stages
+    are skipped; an interrupted run resumes."""
     from kdcache.pipeline.runner import run_pipeline
 
     run_pipeline(recipe, out=out, device=device, jobs=jobs)

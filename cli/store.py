@@ -39,12 +39,13 @@ def _features_help() -> str:
             "those its model has), the others labels (stored in --label-dtype).")
 
 
-def _option(setting: str, *decls: str, help: str | None = None):
+def _option(setting: str, *decls: str, help: str | None = None, metavar: str | None = None):
     """The ``kdcache extract`` option of an :class:`ExtractRequest` field: its default, and its
     description and allowed values as help (the schema says them once)."""
     info = ExtractRequest.model_fields[setting]
     default = ... if info.is_required() else info.default
-    return typer.Option(default, *(decls or (option_name(setting),)), help=help or field_help(info), show_default=False)
+    return typer.Option(default, *(decls or (option_name(setting),)), help=help or field_help(info), show_default=False,
+                        metavar=metavar)
 
 
 @user_errors
@@ -67,6 +68,8 @@ def extract(
     progress: bool = _option("progress", "--progress/--no-progress"),
     teacher_dtype: str = _option("teacher_dtype"),
     workers: int = _option("workers"),
+    hessian_probes: int = _option("hessian_probes"),
+    feature_modules: Optional[list[str]] = _option("feature_modules", metavar="KEY=PATH"),
 ):
     """Stage one: run a teacher once over a dataset into a Zarr feature store.
 
@@ -74,17 +77,20 @@ def extract(
     `torchrun --nproc-per-node N --no-python kdcache extract ...` every rank writes its own shards.
     """
     from kdcache.store.extract import run_extract
+    from kdcache.teachers.adapter import AdapterSpec, is_adapter_spec
     from kdcache.teachers.calculator import CalculatorSpec, is_calculator_spec
 
+    # parsed here, on the command line: the one place a calculator or adapter spec (which
+    # imports and runs a module) is accepted from (kdcache.teachers.spec)
     if is_calculator_spec(teacher):
-        # parsed here, on the command line: the one place a calculator spec (which imports and
-        # runs a module) is accepted from (kdcache.teachers.calculator)
         teacher = CalculatorSpec.parse(teacher)
+    elif is_adapter_spec(teacher):
+        teacher = AdapterSpec.parse(teacher)
     res = run_extract(ExtractRequest.of(
         data=data, out=out, teacher=teacher, checkpoint=checkpoint, features=features, dtype=dtype,
         label_dtype=label_dtype, codec=codec, batch_size=batch_size, device=device, limit=limit,
         shard_atoms=shard_atoms, chunk_atoms=chunk_atoms, overwrite=overwrite, seed=seed, progress=progress,
-        teacher_dtype=teacher_dtype, workers=workers))
+        teacher_dtype=teacher_dtype, workers=workers, hessian_probes=hessian_probes, feature_modules=feature_modules))
     if res.rank == 0:
         typer.echo(
             f"{res.path}: {res.num_samples} samples; {res.groups_written} group(s) written by rank 0 in "
@@ -108,12 +114,14 @@ def info(
         return
     t = d["teacher"]
     config = d.get("teacher_config") or {}
-    if "module" in config and "factory" in config:  # an ASE calculator teacher
+    if "module" in config and ("factory" in config or "function" in config):  # an ASE calculator or an adapter
         version = f"{config.get('package')} {config.get('version') or '(version unknown)'}"
         teacher_lines = [f"teacher     {t.get('name')} {json.dumps(config.get('kwargs') or {})} ({version})"]
     else:
         teacher_lines = [f"teacher     {t.get('name')} (preset {t.get('preset')}), checkpoint {t.get('checkpoint')}",
                          f"            checkpoint sha256 {t.get('checkpoint_sha256')}"]
+    if t.get("feature_modules"):  # hidden features taken by forward hooks (--feature)
+        teacher_lines.append("hooked      " + ", ".join(f"{k} = {p}" for k, p in t["feature_modules"].items()))
     lines = [
         f"store       {d['path']}",
         f"complete    {'yes' if d['complete'] else 'NO'} ({d['samples_done']}/{d['num_samples']} samples)",

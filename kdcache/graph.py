@@ -487,7 +487,7 @@ class NeighborList:
         self.skin = float(skin)
         self.builds = 0
         self._built: dict | None = None  # cutoff, pos, cell, pbc, natoms; candidate t, s, n = -o
-        self._step: tuple[torch.Tensor, dict] | None = None  # positions, {request: graph}
+        self._step: tuple[tuple, dict] | None = None  # (pos, cell, pbc, natoms), {request: graph}
         self._memo: dict = {}  # owner -> (generation, key, value)
         self._generation = 0  # bumped by every build: cached graphs carry cell-dependent shifts
 
@@ -526,8 +526,10 @@ class NeighborList:
         request = (float(cutoff), max_neighbors, bool(enforce_max_neighbors_strictly), tie_break)
         with torch.no_grad():
             pos = pos.detach()
-            if self._step is None or self._step[0].shape != pos.shape or not torch.equal(self._step[0], pos):
-                self._step = (pos.clone(), {})
+            state = (pos, cell.detach(), pbc, natoms)
+            if self._step is None or not all(a.shape == b.shape and torch.equal(a, b)
+                                             for a, b in zip(self._step[0], state)):
+                self._step = (tuple(t.clone() for t in state), {})
             results = self._step[1]
             if request not in results:
                 if self._stale(pos, cell, pbc, natoms, request[0]):

@@ -32,6 +32,10 @@ CELL_OFFSET = "cell_offset"        # [E, 3] long: integer cell offset of each ed
 E2N = "e2n"                        # [N, d] float: sum over edges with target t of EDGE
 E2V = "e2v"                        # [N, 3, d] float: sum over edges with target t of EDGE_VECTOR ⊗ EDGE
 
+# --- Hessian-vector products (kdcache/hessian.py) ---------------------------------------------
+HVP = "hvp"                        # [N, 3, K] float: -dF/dpos · v_k for K probes (H·v_k for gradient forces), eV/Å²
+HVP_PROBES = "hvp_probes"          # [N, 3, K] float: the probes v_k (regenerated from sample_index, never stored)
+
 # --- v2v, e2v and vector: three names, one idea -----------------------------------------------
 # The strategy "v2v" (vector to vector, kdcache/train/strategies.py) trains a student's VECTOR
 # features, [N, 3, d] (PaiNN's vec; only PaiNN has them), through a bias-free linear map to

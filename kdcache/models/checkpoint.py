@@ -185,6 +185,7 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     scale_file: str | os.PathLike | Mapping | None = None,
+    fast: bool = False,
 ) -> LoadedModel:
     """Restore a model from an Open Catalyst or a kdcache checkpoint.
 
@@ -193,6 +194,8 @@ def load_checkpoint(
         device: where to put the model (default: CPU).
         dtype: floating dtype of the model (default: as stored).
         scale_file: scale factors (JSON/.pt/dict) for checkpoints that do not carry them.
+        fast: return the compiled path (:func:`kdcache.models.fast.fast_model`: same weights and
+            outputs, the body compiled on first use); False: the eager model, the reference.
 
     Returns:
         A :class:`LoadedModel` (model in eval mode, normaliser set).
@@ -222,6 +225,10 @@ def load_checkpoint(
         model = model.to(dtype=dtype)
     model = model.to(device or "cpu")
     model.eval()
+    if fast:
+        from kdcache.models.fast import fast_model  # torch.compile only for those who ask for it
+
+        model = fast_model(model)
     return LoadedModel(model=model, name=model.name, config=dict(model.config), sha256=digest,
                        source_format=source, path=str(path), used_ema=used_ema, extra=extra)
 

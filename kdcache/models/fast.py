@@ -1,38 +1,48 @@
 """The compiled path of every model: same weights, same outputs, the body compiled.
 
 :func:`fast_model` returns a *view* of a :class:`~kdcache.models.base.PotentialModel`: the same
-object type, the same submodules and parameters (shared, not copied: an optimiser step on one is
-a step on the other; ``state_dict``, checkpoints, ``predict`` and the feature hand-out are
-unchanged), whose forward runs:
+class, the same submodules and parameters (shared, not copied: an optimiser step on one is a step
+on the other; ``state_dict``, checkpoints, ``predict`` and the feature hand-out are unchanged),
+whose forward runs:
 
 1. the graph work eagerly — :meth:`~kdcache.models.base.PotentialModel.make_graph`: radius graphs,
    symmetrisation, triplets, everything with data-dependent shapes and host syncs;
 2. :meth:`~kdcache.models.base.PotentialModel.body` (edge geometry, message passing, heads)
-   compiled by ``torch.compile`` (inductor) with dynamic shapes: a new batch size, atom count or
-   edge count reuses the compiled code (sizes 0 and 1 would each specialise it, so graphs that
-   small run eagerly). Gradient forces ``-dE/dpos`` are taken *inside* the compiled region with
+   compiled by ``torch.compile`` (inductor, ``fullgraph``: no graph breaks, no host syncs) with
+   dynamic shapes. Gradient forces ``-dE/dpos`` are taken *inside* the compiled region with
    ``torch.func.vjp``, so training differentiates the forces again (a force loss) through one
-   compiled forward and backward (AOTAutograd cannot differentiate a compiled backward twice);
+   compiled forward and backward (AOTAutograd cannot differentiate a compiled backward twice).
+   Inside, radial bases flush near-subnormal values to zero
+   (:func:`kdcache.models.radial.subnormals_flushed`: on x86 they made the basis projection's
+   matmuls up to ~70x slower); the eager path does not;
 3. energies per structure, units and features as the eager path (the base class).
 
-The eager model stays the reference: outputs agree to float32 round-off (``tests/models/test_fast.py``).
+The eager model stays the reference: outputs agree to float32 round-off, about 1e-6 of the largest
+value of each output (``tests/models/test_fast.py``).
 
-Compilation: the first call per (model, gradient mode, feature request) compiles. Inductor's FX
-graph cache and the AOTAutograd cache make a second process cheap; they live under
-``TORCHINDUCTOR_CACHE_DIR``, set here (when unset) to ``$XDG_CACHE_HOME/kdcache/inductor``
-(default ``~/.cache/kdcache/inductor``) so every run of kdcache shares one.
+Compilation: one compiled graph per model, gradient mode (inference / training) and dtype; every
+feature is computed whatever the request (the students compute them anyway). Atom, edge, triplet
+and structure counts are symbolic, so a new batch reuses it, with two exceptions: sizes 0 and 1
+would specialise it (such graphs — a single atom, no quadruplets — run eagerly), and inductor picks
+a few kernels by size (an outer product of at most 32 elements; float sums over more than 4096
+elements are accumulated in chunks), so a batch on the other side of such a threshold (16 atoms, a
+few thousand edges) compiles once more; within one side nothing recompiles. Inductor's FX graph
+cache and the AOTAutograd cache make a second process cheap; they live under
+``TORCHINDUCTOR_CACHE_DIR``, set here (unless the user set it) to
+``$XDG_CACHE_HOME/kdcache/inductor`` (default ``~/.cache/kdcache/inductor``).
 
 Precision (``precision=``):
 
-* ``"float32"`` (default): the model's own dtype throughout; agrees with the eager path to
-  round-off (float32: relative ~1e-5 on energies and forces).
-* ``"tf32"``: float32 tensors, CUDA matmuls with TF32 inputs (10-bit mantissa) while the model
-  runs (a no-op on the CPU). Force errors grow to ~1e-3 relative to the largest force, above the
-  float32 tolerance: for screening and MD, not for parity checks.
-* ``"bf16"``: ``torch.autocast`` to bfloat16 (matmuls and what follows them in bf16, results cast
-  back to float32). Measured on painn-tiny on the CPU (``tests/models/test_fast.py``): forces
-  within ~2e-2 of the largest force. Not within the float32 tolerance; for throughput-bound
-  inference only.
+* ``"float32"`` (default): the model's own dtype throughout (float64 models stay float64); agrees
+  with the eager path to round-off.
+* ``"tf32"``: on CUDA, float32 matmuls with TF32 inputs (10-bit mantissa) while the model runs;
+  a no-op on the CPU. Not measured here (no GPU); expect errors of ~1e-3 of the largest force,
+  above the float32 tolerance: for screening and MD, not for parity checks.
+* ``"bf16"``: ``torch.autocast`` to bfloat16 (matmuls in bf16, what follows them too, the results
+  cast back to the model's dtype). Measured on painn-tiny (CPU, random weights, a slab and a
+  molecule): energies within 4e-3 relative, forces within 3.5e-2 of the largest force (2.3e-2 in
+  RMS). Far outside the float32 tolerance: for throughput-bound inference only, and on a CPU
+  without bf16 instructions it is not faster.
 """
 
 from __future__ import annotations
@@ -47,12 +57,13 @@ import torch
 
 from kdcache import keys as K
 from kdcache.models.base import PotentialModel
+from kdcache.models.radial import subnormals_flushed
 
 PRECISIONS = ("float32", "tf32", "bf16")
 
-#: one compiled entry per model instance, gradient mode and feature request, all of the same
-#: kernel function: dynamo's default limit of 8 would silently fall back to eager in a process
-#: that holds a teacher and students (or a test session)
+#: one compiled entry per model instance, gradient mode and size regime, all of the same kernel
+#: function: dynamo's default limit of 8 would silently fall back to eager in a process that
+#: holds a teacher and students (or a test session)
 RECOMPILE_LIMIT = 64
 
 
@@ -114,6 +125,8 @@ class FastPath:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.precision = precision
+        self.compiled_calls = 0  # forwards that ran the compiled body
+        self.eager_calls = 0  # forwards too small for it (see _tiny), run eagerly
         inductor_cache_dir()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.kernel = torch.compile(_kernel, dynamic=True, fullgraph=True)
@@ -135,19 +148,33 @@ class FastPath:
         inputs = model.prepare_inputs(batch, autograd_forces=False)
         graph = model.make_graph(inputs)
         if _tiny(inputs.pos, graph):
+            self.eager_calls += 1
             return eager_model(model)(batch, features)
+        self.compiled_calls += 1
         # the graph of the outputs only where the caller differentiates them (as the eager path)
         with torch.set_grad_enabled(keep_graph):
-            # sizes may coincide in one batch (edges of two graphs, atoms and edges) and not in
-            # the next: one symbol per size, or the next batch recompiles
-            with torch.fx.experimental._config.patch(use_duck_shape=False), self._precision(inputs.pos.device):
-                body = self.kernel(model, inputs.pos, inputs.atomic_numbers, graph, tuple(sorted(wanted)))
+            # every feature, whatever the request: one compiled graph per gradient mode (the
+            # students compute them anyway; the base class hands out the requested ones)
+            with _compile_settings(), subnormals_flushed(), self._precision(inputs.pos.device):
+                body = self.kernel(model, inputs.pos, inputs.atomic_numbers, graph, tuple(model.available_features))
             dtype = inputs.pos.dtype
             body = {k: v.to(dtype) if v.is_floating_point() else v for k, v in body.items()}
             out = model._outputs(inputs, body, wanted, keep_graph)
         if not keep_graph:
             out = {k: v.detach() for k, v in out.items()}
         return out
+
+
+@contextlib.contextmanager
+def _compile_settings():
+    """Dynamo settings for the kernel (read when it traces; cheap to enter at every call)."""
+    # Sizes may coincide in one batch (edges of two graphs, atoms and edges) and not in the
+    # next: one symbol per size (no "duck" sharing), or the next batch recompiles. Python floats
+    # are the models' constants: symbolic ones are specialised after all, at the price of
+    # tracing everything twice.
+    with torch.fx.experimental._config.patch(use_duck_shape=False), \
+            torch._dynamo.config.patch(specialize_float=True):
+        yield
 
 
 @contextlib.contextmanager

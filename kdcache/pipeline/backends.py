@@ -32,6 +32,26 @@ def make_demo_data(out: Path, num_train: int, num_val: int, num_test: int, seed:
     return {split: str(Path(p).resolve().relative_to(out.resolve())) for split, p in paths.items()}
 
 
+def sample_candidates(seed_data: str | Path, out: Path, settings: dict) -> dict:
+    """Write ``kdcache data sample``'s candidates of ``seed_data`` into the LMDB ``out``.
+
+    Args:
+        seed_data: the seed structures (the training split).
+        out: the ``.lmdb`` file (it appears only when complete).
+        settings: :class:`kdcache.data.candidates.CandidateSettings` fields.
+
+    Returns:
+        The counts the candidates' provenance records (seed structures, candidates, rejected draws).
+    """
+    from tqdm import tqdm
+
+    from kdcache.data.candidates import CandidateSettings, write_candidates
+
+    with tqdm(desc="candidates", unit="seed structure") as bar:
+        meta = write_candidates(seed_data, out, CandidateSettings(**settings), progress=bar.update)
+    return meta["counts"]
+
+
 def open_dataset(path: str | Path, **options):
     from kdcache.data import open_dataset as _open
 
@@ -162,14 +182,87 @@ def check_extract_options(options: dict, where: Callable[[str], str]) -> dict:
     return options
 
 
-def extract(checkpoint: str | Path, teacher: str | None, data: str | Path, out: Path, features: tuple[str, ...],
+def extract(checkpoint: str | Path | None, teacher, data: str | Path, out: Path, features: tuple[str, ...] | None,
             dtype: str, batch_size: int, device: str, options: dict | None = None) -> None:
-    """Run ``kdcache extract``'s Python API (it resumes an interrupted store by itself)."""
+    """Run ``kdcache extract``'s Python API (it resumes an interrupted store by itself).
+
+    Args:
+        checkpoint: the model teacher's weights (None for a calculator teacher).
+        teacher: a preset name, or a :class:`~kdcache.teachers.calculator.CalculatorSpec` (from the
+            recipe's fixed calculator table, never from a string the recipe gives).
+        features: ``--features`` names; None: all the teacher offers (a calculator's choice).
+    """
     from kdcache.store.extract import extract as run_extract
 
     options = check_extract_options(dict(options or {}), lambda k: f"store.options.{k}")
-    run_extract(checkpoint=str(checkpoint), teacher=teacher, data=str(data), out=str(out), features=list(features),
-                dtype=dtype, batch_size=batch_size, device=device, progress=True, **options)
+    run_extract(checkpoint=None if checkpoint is None else str(checkpoint), teacher=teacher, data=str(data),
+                out=str(out), features=None if features is None else list(features), dtype=dtype,
+                batch_size=batch_size, device=device, progress=True, **options)
+
+
+# --- calculator teachers ---------------------------------------------------------------------------
+def calculator_identity(spec) -> dict:
+    """What decides a calculator teacher's values (its arguments, package version and source),
+    as its stores record it; builds the calculator once (a package that is missing fails here,
+    before any stage runs).
+
+    Args:
+        spec: a :class:`~kdcache.teachers.calculator.CalculatorSpec`.
+    """
+    from kdcache.teachers.calculator import CalculatorTeacher
+
+    return CalculatorTeacher(spec).identity()
+
+
+def evaluate_calculator(spec, data: str | Path, num_samples: int, batch_size: int) -> tuple[dict, dict]:
+    """An ASE calculator on a labelled dataset, measured as ``kdcache eval`` measures a model.
+
+    The calculator runs through its teacher's runner (:mod:`kdcache.teachers.calculator`, the code
+    that labels a store), so the values are those it would store.
+
+    Args:
+        spec: a :class:`~kdcache.teachers.calculator.CalculatorSpec`.
+        data: the labelled dataset (the test split).
+        num_samples: predictions are kept for the first ``num_samples`` structures (plots).
+        batch_size: structures per batch.
+
+    Returns:
+        ``(metrics, predictions)``: ``kdcache eval``'s metrics (``samples_per_s``: structures per
+        second of calculator time, in this process) and :func:`collect`'s predictions.
+    """
+    import time
+
+    from kdcache.data.batch import LABELS, collate
+    from kdcache.evaluate import MetricSums
+    from kdcache.teachers.calculator import CalculatorTeacher
+
+    ds = open_dataset(data)
+    sums = MetricSums()
+    preds: dict[str, list] = {"energy_true": [], "energy_pred": [], "forces_true": [], "forces_pred": [], "natoms": []}
+    with CalculatorTeacher(spec).runner(["outputs"], ds) as runner:
+        for start in range(0, len(ds), batch_size):
+            ids = list(range(start, min(start + batch_size, len(ds))))
+            items = [ds[i] for i in ids]
+            batch = collate(items, ds, require=LABELS)
+            t0 = time.perf_counter()
+            out = runner(items, ids, advance=lambda n: None)
+            sums.seconds += time.perf_counter() - t0
+            sums.timed_structures += len(ids)
+            fixed = batch[K.FIXED] if K.FIXED in batch else None
+            sums.add(out[K.ENERGY], out[K.FORCES], batch[K.ENERGY], batch[K.FORCES], batch[K.BATCH], batch[K.NATOMS],
+                     fixed)
+            keep = min(len(ids), max(0, num_samples - start))
+            if keep:
+                free = ~fixed.bool() if fixed is not None else torch.ones(len(batch[K.FORCES]), dtype=torch.bool)
+                atoms = int(batch[K.NATOMS][:keep].sum())
+                free = free[:atoms]
+                preds["energy_true"].append(batch[K.ENERGY][:keep].double())
+                preds["energy_pred"].append(out[K.ENERGY][:keep].double())
+                preds["forces_true"].append(batch[K.FORCES][:atoms][free].double())
+                preds["forces_pred"].append(out[K.FORCES][:atoms][free].double())
+                preds["natoms"].append(batch[K.NATOMS][:keep])
+    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
+    return sums.result(), {k: cat(v) for k, v in preds.items()}
 
 
 # --- evaluation -----------------------------------------------------------------------------------

@@ -17,11 +17,16 @@ path). Its ``train:`` sections are stage two's own settings schema
       val: /data/oc20/val_id
       test: /data/oc20/val_id_30k
     # ... or the embedded demo data:  data: {demo: {num_train: 300, num_val: 40, num_test: 40, seed: 0}}
+    #   sample: {per_seed: 10, rattle: 0.05, strain: 0.0, min_distance: 0.5, seed: 0}
+    #                             # optional: `kdcache data sample` candidates of the training
+    #                             # split (no labels), labelled once by the teacher (runs with
+    #                             # `data: sampled` train on them)
     teacher:
       preset: gemnet-oc             # a kdcache.models.presets name
       overrides: {}                 # constructor arguments changing the preset (not with a checkpoint)
       checkpoint: ckpt.pt           # a trained teacher; or `train:` to train it here
       train: {max_steps: 800, batch_size: 8, lr: 1.0e-3}
+    # teacher: {calculator: emt}    # or a calculator of the fixed table CALCULATORS (no code named)
     store:
       features: auto                # or a list: node, e2n, e2v, vector, atom_energy, outputs
       dtype: float16
@@ -34,6 +39,7 @@ path). Its ``train:`` sections are stage two's own settings schema
       - {name: e2n, lambda: [0.3, 1, 3]}   # a sweep: λ chosen on the validation split
       - {name: v2v, lambda: 1, loss: mse, train: {lr: 5.0e-4}}
       - {name: n2n+v2v, terms: {n2n: 10, v2v: 1}}
+      - {name: sampled, strategy: none, data: sampled, train: {labels: teacher}}
     eval: {batch_size: 16}
     report: {plots: true, cka_samples: 64}
 
@@ -53,16 +59,29 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, field_validator, model_validator
 
 from kdcache.config_yaml import load_yaml
+from kdcache.data.candidates import CandidateSettings
 from kdcache.errors import ConfigError
 from kdcache.settings import (ANY_MAPPING, Schema, choice, integer, number, one_or_list, refuse, section_dict,
                               text_list, validated)
 from kdcache.store.format import FEATURE_CHOICES, FEATURE_DTYPES
+from kdcache.teachers.calculator import CalculatorSpec, is_calculator_spec
 from kdcache.train.config import TrainConfig
 from kdcache.train.strategies import FEATURE_LOSSES, STRATEGIES
 
 #: trainer settings the pipeline itself sets (from data/store/strategies/out/device)
 PIPELINE_OWNED = ("student", "student_overrides", "data", "val", "store", "strategy", "lambda", "lambda_",
                   "feature_loss", "out", "device")
+
+#: the ASE calculators a recipe may name as its teacher (``teacher: {calculator: emt}``). A fixed
+#: table that kdcache ships: a recipe is a file that users run without reading it as code, so it
+#: names one of these, never a module to import (``ase:MODULE:FACTORY`` is for the command line;
+#: see :mod:`kdcache.teachers.calculator`)
+CALCULATORS: dict[str, CalculatorSpec] = {
+    "emt": CalculatorSpec("ase.calculators.emt", "EMT"),
+    "gfn2-xtb": CalculatorSpec("tblite.ase", "TBLite", {"method": "GFN2-xTB", "verbosity": 0}),
+}
+#: what a run trains on: the training split, or the candidates of ``data.sample``
+DATA_SOURCES = ("train", "sampled")
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -130,18 +149,44 @@ class DemoData(Schema):
     seed: integer() = 0
 
 
+_CANDIDATE = CandidateSettings()
+
+
+class SampleData(Schema):
+    """``data: {sample: ...}``: candidate structures drawn from the training split by
+    :func:`kdcache.data.candidates.write_candidates` (``kdcache data sample``; each key is its
+    option of the same name, with its default and its rules)."""
+
+    per_seed: integer(gt=0) = _CANDIDATE.per_seed
+    rattle: number(ge=0) = _CANDIDATE.rattle
+    strain: number(ge=0) = _CANDIDATE.strain
+    min_distance: number(ge=0) = _CANDIDATE.min_distance
+    attempts: integer(gt=0) = _CANDIDATE.attempts
+    seed: integer(ge=0) = _CANDIDATE.seed
+
+    @model_validator(mode="after")
+    def _candidates_rules(self) -> "SampleData":
+        try:
+            CandidateSettings(**self.model_dump()).check()
+        except ConfigError as exc:  # it names command-line options: `--min-distance` is `min_distance` here
+            raise refuse("", re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(exc))) from None
+        return self
+
+
 class DataSpec(Schema):
     """Where the three splits come from.
 
     Args:
         train, val, test: dataset paths (None when ``demo`` is set; the runner writes them).
         demo: ``{num_train, num_val, num_test, seed}`` for the embedded demo data, or None.
+        sample: candidates drawn from the training split (:class:`SampleData` settings), or None.
     """
 
     train: EnvPath | None = None
     val: EnvPath | None = None
     test: EnvPath | None = None
     demo: section_dict(DemoData) | None = None
+    sample: section_dict(SampleData) | None = None
 
     @model_validator(mode="after")
     def _paths_or_demo(self) -> "DataSpec":
@@ -170,6 +215,14 @@ class ModelSpec(Schema):
     train: TrainSection | None = None
     overrides: ANY_MAPPING = Field(default_factory=dict)
 
+    @field_validator("preset")
+    @classmethod
+    def _no_code(cls, preset: str | None) -> str | None:
+        if is_calculator_spec(preset):
+            raise refuse("", f"{preset!r}: a recipe names no module to import; a calculator teacher is "
+                             f"`teacher: {{calculator: NAME}}` with NAME one of {list(CALCULATORS)}")
+        return preset
+
     @model_validator(mode="after")
     def _preset_or_checkpoint(self) -> "ModelSpec":
         if self.overrides and self.preset is None:
@@ -182,15 +235,42 @@ class ModelSpec(Schema):
 
 
 class TeacherSpec(ModelSpec):
-    """The teacher: trained weights (``checkpoint``) or trained here (``train``), not both."""
+    """The teacher: trained weights (``checkpoint``) or trained here (``train``), not both; or an
+    ASE calculator of :data:`CALCULATORS` (``calculator``), alone.
+
+    Args:
+        calculator: a name of :data:`CALCULATORS`, or None (a model teacher).
+    """
+
+    calculator: choice(tuple(CALCULATORS)) | None = None
 
     @model_validator(mode="after")
-    def _weights(self) -> "TeacherSpec":
+    def _preset_or_checkpoint(self) -> "TeacherSpec":
+        # (replaces the model checks: a calculator teacher has no preset)
+        if self.calculator is not None:
+            given = [k for k in ("preset", "checkpoint", "train") if getattr(self, k) is not None]
+            given += ["overrides"] if self.overrides else []
+            if given:
+                raise refuse(given[0], f"a calculator teacher ({self.calculator}) is not a model; drop `{given[0]}`")
+            return self
+        super()._preset_or_checkpoint()
         if self.checkpoint is None and self.train is None:
-            raise refuse("", "give `checkpoint:` (a trained teacher) or `train:` (train it in this pipeline)")
+            raise refuse("", "give `checkpoint:` (a trained teacher), `train:` (train it in this pipeline) "
+                             f"or `calculator:` (one of {list(CALCULATORS)})")
         if self.checkpoint is not None and self.train is not None:
             raise refuse("train", "a teacher with a checkpoint is not trained again; drop one of the two")
         return self
+
+    @property
+    def calculator_spec(self) -> CalculatorSpec | None:
+        """The calculator this teacher names (None: a model teacher)."""
+        return None if self.calculator is None else CALCULATORS[self.calculator]
+
+    def describe(self) -> str:
+        """How logs and the report name the teacher."""
+        if self.calculator is not None:
+            return f"calculator {self.calculator} ({self.calculator_spec.name})"
+        return str(self.preset or self.checkpoint)
 
 
 class StudentSpec(ModelSpec):
@@ -237,13 +317,18 @@ _LAMBDA = number(ge=0)
 
 
 class StrategyEntry(Schema):
-    """One entry of ``strategies:`` (a name alone, or a mapping; see the module docstring)."""
+    """One entry of ``strategies:`` (a name alone, or a mapping; see the module docstring).
+
+    ``strategy: none`` is a student without distillation terms that differs from the baseline by
+    its data (``data: sampled``), its labels (``train: {labels: teacher}``) or its settings.
+    """
 
     name: str
     strategy: str | None = None
     lambda_: one_or_list(_LAMBDA) | None = Field(None, alias="lambda")
     terms: dict[str, _LAMBDA] | None = None
     loss: choice(FEATURE_LOSSES) = "mse"
+    data: choice(DATA_SOURCES) = "train"
     train: TrainSection = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -266,9 +351,13 @@ class StrategyEntry(Schema):
                 raise refuse("terms", "give either `terms` or `strategy`/`lambda`, not both")
             if not self.terms:
                 raise refuse("terms", "is empty")
+        if self.strategy == "none" and self.lambda_ is not None:
+            raise refuse("lambda", "strategy none has no λ")
         for strategy, key in self._named():
-            if strategy not in STRATEGIES:
-                raise refuse(key, f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
+            if strategy not in STRATEGIES and not (strategy == "none" and key == "strategy"):
+                raise refuse(key, f"unknown strategy {strategy!r}; known: {['none', *STRATEGIES]}")
+        if self.data == "sampled" and self.train.get("labels", "reference") == "reference":
+            raise refuse("data", "the sampled candidates have no reference labels; give `train: {labels: teacher}`")
         return self
 
     def _named(self) -> list[tuple[str, str]]:
@@ -280,11 +369,13 @@ class StrategyEntry(Schema):
     def spec(self) -> "StrategySpec":
         """The run this entry describes (λ: given, else the strategy's own default)."""
         if self.terms is not None:
-            return StrategySpec(self.name, dict(self.terms), self.loss, self.train)
+            return StrategySpec(self.name, dict(self.terms), self.loss, self.train, data=self.data)
         ((strategy, _),) = self._named()
+        if strategy == "none":
+            return StrategySpec(self.name, {}, self.loss, self.train, data=self.data)
         lams = self.lambda_ or [STRATEGIES[strategy].default_lambda]
         return StrategySpec(self.name, {strategy: lams[0]}, self.loss, self.train,
-                            sweep=tuple(lams) if len(lams) > 1 else ())
+                            sweep=tuple(lams) if len(lams) > 1 else (), data=self.data)
 
 
 class EvalSpec(Schema):
@@ -337,6 +428,13 @@ class RecipeFile(Schema):
         return seeds
 
     @model_validator(mode="after")
+    def _sampled_data(self) -> "RecipeFile":
+        for i, s in enumerate(self.strategies):
+            if s.data == "sampled" and self.data.sample is None:
+                raise refuse(f"strategies[{i}].data", "there are no sampled data: add `data: {sample: {...}}`")
+        return self
+
+    @model_validator(mode="after")
     def _unique_runs(self) -> "RecipeFile":
         specs = [s.spec() for s in self.strategies]
         names = [s.name for s in specs] + [c.name for s in specs if s.sweep for c in s.candidates()]
@@ -363,21 +461,28 @@ class StrategySpec:
     train: dict = field(default_factory=dict)
     #: candidate λ of a sweep (``lambda: [0.3, 1, 3]``; empty: ``terms`` is the one setting)
     sweep: tuple[float, ...] = ()
+    #: what the run trains on (:data:`DATA_SOURCES`)
+    data: str = "train"
 
     @property
     def strategy_string(self) -> str:
-        """The ``kdcache train --strategy`` form, e.g. ``n2n:10,v2v:1``."""
-        return ",".join(f"{k}:{v:g}" for k, v in self.terms.items())
+        """The ``kdcache train --strategy`` form, e.g. ``n2n:10,v2v:1`` (``none``: no terms)."""
+        return ",".join(f"{k}:{v:g}" for k, v in self.terms.items()) or "none"
 
     def label(self) -> str:
-        return " + ".join(f"{k} (λ={v:g})" for k, v in self.terms.items())
+        """E.g. ``v2v (λ=1)``; ``none, sampled data, teacher labels`` for a run that differs by its data."""
+        text = " + ".join(f"{k} (λ={v:g})" for k, v in self.terms.items()) or "none"
+        if self.data != "train":
+            text += f", {self.data} data"
+        labels = self.train.get("labels", "reference")
+        return text + (f", {labels} labels" if labels != "reference" else "")
 
     def candidates(self) -> list["StrategySpec"]:
         """One spec per λ of a sweep (named ``<name>_lam<λ>``), or ``[self]``."""
         if not self.sweep:
             return [self]
         (strategy,) = self.terms
-        return [StrategySpec(f"{self.name}_lam{lam:g}", {strategy: lam}, self.loss, dict(self.train))
+        return [StrategySpec(f"{self.name}_lam{lam:g}", {strategy: lam}, self.loss, dict(self.train), data=self.data)
                 for lam in self.sweep]
 
 
@@ -400,7 +505,7 @@ class Recipe:
     seed: int
     seeds: list[int]
     data: DataSpec
-    teacher: ModelSpec
+    teacher: TeacherSpec
     store: StoreSpec
     student: ModelSpec
     strategies: list[StrategySpec]
@@ -418,6 +523,20 @@ class Recipe:
         if seed is not None:
             settings["seed"] = seed
         return settings
+
+    def labels(self, strategy: StrategySpec | None) -> str:
+        """The ``labels`` a run trains on (``reference``, ``teacher``, ``both``)."""
+        return self.student_train(strategy).get("labels", "reference")
+
+    def needs_store(self, strategy: StrategySpec | None) -> bool:
+        """Whether a run reads the teacher's store (distillation terms or the teacher's labels)."""
+        return bool(strategy is not None and strategy.terms) or self.labels(strategy) != "reference"
+
+    def store_sources(self) -> list[str]:
+        """The data (:data:`DATA_SOURCES`) whose teacher store some run reads, in that order."""
+        runs = [(None, "train")] + [(c, c.data) for s in self.strategies for c in s.candidates()]
+        used = {source for spec, source in runs if self.needs_store(spec)}
+        return [s for s in DATA_SOURCES if s in used]
 
 
 def _check_runs_together(recipe: Recipe, where) -> None:

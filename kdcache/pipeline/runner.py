@@ -4,9 +4,11 @@ Layout of a run folder (default ``runs/<recipe name>``)::
 
     recipe.yaml              the recipe as run (for the record)
     data/                    demo data (only for ``data: {demo: ...}``)
+    sampled/candidates.lmdb  candidates of the training split (only for ``data: {sample: ...}``)
     teacher/                 teacher training run (only when the recipe trains it)
     store/teacher.zarr       the teacher's feature store, extracted once (its identity is in the
                              students' stage hashes; a replaced store is extracted again)
+    store-sampled/teacher.zarr   the teacher's store of the candidates (their only labels)
     students/<run>/          baseline and one run per strategy (kdcache train run folders)
     eval/<run>/              metrics.json, predictions.npz, features.npz (test split)
     report/                  report.md, report.csv, *.png
@@ -26,20 +28,31 @@ from typing import Callable
 import numpy as np
 import yaml
 
+from kdcache import keys as K
 from kdcache.errors import ConfigError
 from kdcache.fs import ensure_output_folder
 from kdcache.pipeline import backends as B
 from kdcache.pipeline import report as R
 from kdcache.pipeline.recipe import Recipe, StrategySpec, load_recipe
 from kdcache.fs import file_sha256
-from kdcache.pipeline.stages import StageResult, path_fingerprint, run_stage
+from kdcache.pipeline.stages import StageResult, path_fingerprint, read_stage, run_stage
 from kdcache.store.format import recorded_identity
-from kdcache.train.strategies import needed_features, teacher_features, teacher_kind
+from kdcache.train.strategies import feature_name, needed_features, teacher_features, teacher_kind
+
+#: what a calculator teacher can store (no hidden features; per-atom energies where it gives them)
+CALCULATOR_FEATURES = (K.ATOM_ENERGY, feature_name(K.ENERGY))
 
 #: training settings that do not change a run's result (left out of its stage hash)
 _NOT_RESULT = ("progress", "num_workers", "checkpoint_every", "val_batch_size")
 #: the store stage's output, in its folder
 STORE = "teacher.zarr"
+#: a calculator teacher with test errors below this (meV, meV/Å) is the method that labelled the
+#: test data (float32 positions leave ~1e-3): the report says its row is the reference itself
+REPRODUCES_LABELS = 0.1
+#: the sampling stage's output, in its folder
+CANDIDATES = "candidates.lmdb"
+#: each data source's store folder in the run folder
+STORE_FOLDERS = {"train": "store", "sampled": "store-sampled"}
 
 
 def _short_id(identity: str | None) -> str:
@@ -63,7 +76,7 @@ def _result_settings(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in _NOT_RESULT}
 
 
-def resolve_store_features(recipe: Recipe, teacher_arch: str | None) -> tuple[str, ...]:
+def resolve_store_features(recipe: Recipe, teacher_arch: str | None) -> tuple[str, ...] | None:
     """The store's ``--features``: as given, or (``auto``) every target the teacher can give.
 
     ``auto`` stores all of them, not only what today's strategies read: the store is then the
@@ -76,26 +89,41 @@ def resolve_store_features(recipe: Recipe, teacher_arch: str | None) -> tuple[st
             to its kind by :func:`kdcache.train.strategies.teacher_kind`; what it offers and what
             each strategy reads come from the strategy table and the model class.
 
+    Returns:
+        The features; None for ``auto`` with a calculator teacher (it stores what it offers:
+        energies and forces, and per-atom energies where it gives them).
+
     Raises:
         ConfigError: the teacher cannot give a listed feature, or the store would lack one a
-            strategy reads (key ``store.features``).
+            run reads (key ``store.features``).
     """
-    kind = teacher_kind(teacher_arch)
-    offered = teacher_features(kind)  # None: a teacher of unknown kind
+    calculator = recipe.teacher.calculator is not None
+    kind = None if calculator else teacher_kind(teacher_arch)
+    # a calculator has no hidden features (kdcache.teachers.calculator)
+    offered = CALCULATOR_FEATURES if calculator else teacher_features(kind)  # None: a teacher of unknown kind
     reads = {(s.name, strat): needed_features(strat, kind) for s in recipe.strategies for strat in s.terms}
+    runs = [None] + [c for s in recipe.strategies for c in s.candidates()]
+    reads.update({("baseline" if spec is None else spec.name, "labels: teacher"): (feature_name(K.ENERGY),)
+                  for spec in runs if recipe.labels(spec) != "reference"})
     needed = [f for feats in reads.values() for f in feats]
     feats = recipe.store.features or tuple(dict.fromkeys([*(offered or ()), *needed]))
     if offered is not None:
+        what = f"calculator teacher ({recipe.teacher.calculator})" if calculator else f"{kind} teacher"
+        for (run, strat), wanted in reads.items() if not recipe.store.features else ():
+            lacking = [f for f in wanted if f not in offered]
+            if lacking:  # (auto: name the run that asks for what the teacher lacks)
+                raise ConfigError(f"recipe {recipe.path}: key 'store.features': {strat!r} (run {run!r}) reads "
+                                  f"{lacking}, which a {what} does not give")
         missing = [f for f in feats if f not in offered]
         if missing:
-            raise ConfigError(f"recipe {recipe.path}: key 'store.features': a {kind} teacher has no {missing}")
+            raise ConfigError(f"recipe {recipe.path}: key 'store.features': a {what} has no {missing}")
     for (run, strat), wanted in reads.items():
         lacking = [f for f in wanted if f not in feats]
         if lacking:
             raise ConfigError(
-                f"recipe {recipe.path}: key 'store.features': strategy {strat!r} (run {run!r}) reads {lacking}, "
+                f"recipe {recipe.path}: key 'store.features': {strat!r} (run {run!r}) reads {lacking}, "
                 f"which the store would not hold ({list(feats)})")
-    return tuple(feats)
+    return None if calculator and not recipe.store.features else tuple(feats)
 
 
 def run_folder(recipe: Recipe, out: str | Path | None = None) -> Path:
@@ -133,7 +161,8 @@ class Pipeline:
 
     # --- steps ------------------------------------------------------------------------------
     def data(self) -> tuple[dict, dict]:
-        """Dataset paths and their identities (what downstream hashes depend on)."""
+        """Dataset paths and their identities (what downstream hashes depend on): the three
+        splits, and ``sampled`` (the candidates) when the recipe samples."""
         d = self.recipe.data
         if d.demo is not None:
             folder = self.out / "data"
@@ -143,16 +172,38 @@ class Pipeline:
                                                          demo["seed"]), resumable=False)
             paths = {k: str(folder / res.outputs[k]) for k in ("train", "val", "test")}
             ids = {k: {"demo": res.input_hash, "split": k} for k in paths}
-            return paths, ids
-        paths = {"train": d.train, "val": d.val, "test": d.test}
-        for k, p in paths.items():
-            if not Path(p).exists():
-                raise ConfigError(f"recipe {self.recipe.path}: key 'data.{k}': {p} does not exist")
-        return paths, {k: path_fingerprint(p) for k, p in paths.items()}
+        else:
+            paths = {"train": d.train, "val": d.val, "test": d.test}
+            for k, p in paths.items():
+                if not Path(p).exists():
+                    raise ConfigError(f"recipe {self.recipe.path}: key 'data.{k}': {p} does not exist")
+            ids = {k: path_fingerprint(p) for k, p in paths.items()}
+        if d.sample is not None:
+            paths["sampled"], ids["sampled"] = self.sample(paths["train"], ids["train"], dict(d.sample))
+        return paths, ids
+
+    def sample(self, seed_path: str, seed_id, settings: dict) -> tuple[str, dict]:
+        """Candidates of the training split (``kdcache data sample``), written once; their
+        path and identity."""
+
+        def fn(folder: Path) -> dict:
+            counts = B.sample_candidates(seed_path, folder / CANDIDATES, settings)
+            self.log(f"  {counts['candidates']} candidates from {counts['seed_structures']} training structures "
+                     f"({counts['rejected_draws']} draws rejected by the minimum distance)")
+            return {"candidates": CANDIDATES, "counts": counts}
+
+        # the file appears only when complete: an interrupted sampling starts over
+        res = self._stage("data (sample candidates of the training split)", self.out / "sampled",
+                          {"seed_data": seed_id, "settings": settings}, fn, resumable=False)
+        return str(res.folder / CANDIDATES), {"sampled": res.input_hash}
 
     def teacher(self, paths: dict, ids: dict) -> tuple[Path, dict, str | None]:
-        """Teacher checkpoint, its identity and its architecture (registry name)."""
+        """Teacher checkpoint, its identity and its architecture (registry name); a calculator
+        teacher has neither checkpoint nor architecture (None, identity, None)."""
         t = self.recipe.teacher
+        if t.calculator is not None:
+            self.log(f"teacher: {t.describe()}")
+            return None, B.calculator_identity(t.calculator_spec), None
         if t.checkpoint is not None:
             ckpt = Path(t.checkpoint)
             if not ckpt.is_file():
@@ -184,20 +235,29 @@ class Pipeline:
             cache.write_text(json.dumps(known, indent=1))
         return known[key]
 
-    def store(self, ckpt: Path, teacher_id: dict, arch: str | None, paths: dict, ids: dict) -> tuple[Path | None, str | None]:
-        """Extract the store; returns its path and what the students' hashes name it by: its
-        identity (a digest of its contents), or the stage hash for a format 1 store."""
-        if not self.recipe.strategies:
-            return None, None
+    def stores(self, ckpt: Path | None, teacher_id: dict, arch: str | None, paths: dict,
+               ids: dict) -> dict[str, tuple[Path, str]]:
+        """The teacher's store of each data source a run reads (:meth:`Recipe.store_sources`):
+        source -> (store path, what the students' hashes name it by)."""
+        return {source: self.store(ckpt, teacher_id, arch, paths, ids, source)
+                for source in self.recipe.store_sources()}
+
+    def store(self, ckpt: Path | None, teacher_id: dict, arch: str | None, paths: dict, ids: dict,
+              source: str = "train") -> tuple[Path, str]:
+        """Extract the teacher's store of ``source`` (``train``: the training split, ``sampled``:
+        the candidates); returns its path and what the students' hashes name it by: its identity
+        (a digest of its contents), or the stage hash for a format 1 store."""
         feats = resolve_store_features(self.recipe, arch)
         st = self.recipe.store
+        t = self.recipe.teacher
         # extraction batch size is part of a store's identity (stage one resumes only with the same)
-        inputs = {"teacher": teacher_id, "data": ids["train"], "features": sorted(feats), "dtype": st.dtype,
-                  "batch_size": st.batch_size, "options": st.options}
+        inputs = {"teacher": teacher_id, "data": ids[source], "features": sorted(feats) if feats else "auto",
+                  "dtype": st.dtype, "batch_size": st.batch_size, "options": st.options}
+        teacher = t.calculator_spec if t.calculator is not None else t.preset
 
         def extract(folder: Path) -> dict:
-            B.extract(ckpt, self.recipe.teacher.preset, paths["train"], folder / STORE, feats, st.dtype, st.batch_size,
-                      self.device, st.options)
+            B.extract(ckpt, teacher, paths[source], folder / STORE, feats, st.dtype, st.batch_size, self.device,
+                      st.options)
             # (a JSON object, not a string: string outputs name files)
             return {"store": STORE, "identity": {STORE: recorded_identity(folder / STORE)}}
 
@@ -209,23 +269,32 @@ class Pipeline:
                 return None
             return f"{STORE} was replaced (its identity is {_short_id(now)}, the one extracted here {_short_id(made)})"
 
-        res = self._stage("store (extract teacher features)", self.out / "store", inputs, extract,
-                          still_valid=same_store)
-        return self.out / "store" / STORE, (res.outputs.get("identity") or {}).get(STORE) or res.input_hash
+        name = "store (extract teacher features)" if source == "train" else f"store of the {source} data (teacher labels)"
+        folder = self.out / STORE_FOLDERS[source]
+        res = self._stage(name, folder, inputs, extract, still_valid=same_store)
+        return folder / STORE, (res.outputs.get("identity") or {}).get(STORE) or res.input_hash
 
-    def student_job(self, spec: StrategySpec | None, seed: int, paths: dict, ids: dict, store: Path | None,
-                    store_id: str | None) -> "StudentJob":
-        """What one student run needs: its stage's name, folder, inputs and training settings."""
+    def student_job(self, spec: StrategySpec | None, seed: int, paths: dict, ids: dict,
+                    stores: dict[str, tuple[Path, str]]) -> "StudentJob":
+        """What one student run needs: its stage's name, folder, inputs and training settings.
+
+        Args:
+            stores: :meth:`stores`' result (the store of each data source)."""
         r = self.recipe
         name = "baseline" if spec is None else spec.name
+        source = "train" if spec is None else spec.data
         train = r.student_train(spec, seed)
         settings = {**train, "student": r.student.preset, "student_overrides": r.student.overrides,
-                    "data": paths["train"], "val": paths["val"]}
+                    "data": paths[source], "val": paths["val"]}
         inputs = {"preset": r.student.preset, "overrides": r.student.overrides, "train": _result_settings(train),
-                  "data": {"train": ids["train"], "val": ids["val"]}}
-        if spec is None:
+                  "data": {"train": ids[source], "val": ids["val"]}}
+        store, store_id = stores.get(source, (None, None))
+        if spec is None or not spec.terms:
             settings["strategy"] = "none"
             inputs["strategy"] = "none"
+            if r.needs_store(spec):  # the teacher's labels
+                settings["store"] = str(store)
+                inputs["store"] = store_id
         else:
             settings.update(strategy=spec.strategy_string, feature_loss=spec.loss, store=str(store))
             # the store's identity: a student trained on other targets is out of date
@@ -337,6 +406,25 @@ class Pipeline:
 
         return self._stage(f"eval {name} (test split)", self.out / "eval" / name, inputs, fn, resumable=False)
 
+    def evaluate_calculator_test(self, teacher_id: dict, test_path: str, test_id) -> StageResult:
+        """The calculator teacher on the test split, measured as a model is (its predictions
+        against the test labels); no hidden features (the CKA plot has no teacher columns)."""
+        r = self.recipe
+        n_feat = max(r.report["cka_samples"], r.report["parity_samples"])
+        inputs = {"teacher": teacher_id, "test": test_id, "batch_size": r.eval["batch_size"], "samples": n_feat}
+
+        def fn(folder: Path) -> dict:
+            metrics, preds = B.evaluate_calculator(r.teacher.calculator_spec, test_path, n_feat, r.eval["batch_size"])
+            np.savez(folder / "predictions.npz", **preds)
+            np.savez(folder / "features.npz")
+            # structures/s of the calculator alone, not measured with the students' throughput
+            metrics.pop("samples_per_s", None)
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            self.log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
+            return {"metrics": "metrics.json", "predictions": "predictions.npz", "features": "features.npz"}
+
+        return self._stage("eval teacher (test split)", self.out / "eval" / "teacher", inputs, fn, resumable=False)
+
     def throughput(self, models: dict[str, tuple[Path, object]], test_path: str, test_id) -> dict[str, float]:
         """Inference samples/s of each architecture, measured once: interleaved repeats, median.
 
@@ -364,19 +452,22 @@ class Pipeline:
         (self.out / "recipe.yaml").write_text(yaml.safe_dump(r.raw, sort_keys=False))
         specs = [None] + [c for s in r.strategies for c in s.candidates()]
         self.log(f"pipeline {r.name}: {r.path} -> {self.out} (device {self.device}; "
-                 f"teacher {r.teacher.preset or r.teacher.checkpoint}, {len(specs) * len(r.seeds)} student runs of "
+                 f"teacher {r.teacher.describe()}, {len(specs) * len(r.seeds)} student runs of "
                  f"{r.student.preset}: {len(specs)} settings x {len(r.seeds)} seed(s))")
 
         paths, ids = self.data()
         ckpt, teacher_id, arch = self.teacher(paths, ids)
-        store, store_id = self.store(ckpt, teacher_id, arch, paths, ids)
+        stores = self.stores(ckpt, teacher_id, arch, paths, ids)
 
-        # every run reads the one store; none loads the teacher
-        jobs = [self.student_job(spec, seed, paths, ids, store, store_id) for spec in specs for seed in r.seeds]
+        # every run reads its data's one store; none loads the teacher
+        jobs = [self.student_job(spec, seed, paths, ids, stores) for spec in specs for seed in r.seeds]
         runs = self.train_students(jobs)
         chosen = self.choose_lambdas(runs, paths, ids)
 
-        evals = {"teacher": self.evaluate_test("teacher", ckpt, teacher_id, paths["test"], ids["test"], True)}
+        if ckpt is None:
+            evals = {"teacher": self.evaluate_calculator_test(teacher_id, paths["test"], ids["test"])}
+        else:
+            evals = {"teacher": self.evaluate_test("teacher", ckpt, teacher_id, paths["test"], ids["test"], True)}
         for name in ["baseline"] + [chosen[s.name].name for s in r.strategies]:
             for seed in r.seeds:
                 run = self.run_id(name, seed)
@@ -384,9 +475,10 @@ class Pipeline:
                 evals[run] = self.evaluate_test(run, res.folder / res.outputs["checkpoint"], res.input_hash,
                                                 paths["test"], ids["test"], False)
         base = runs[self.run_id("baseline", r.seeds[0])]
-        speed = self.throughput({"teacher": (ckpt, teacher_id),
-                                 "student": (base.folder / base.outputs["checkpoint"], base.input_hash)},
-                                paths["test"], ids["test"])
+        timed = {"student": (base.folder / base.outputs["checkpoint"], base.input_hash)}
+        if ckpt is not None:  # (a calculator is not a model to time on batches)
+            timed = {"teacher": (ckpt, teacher_id), **timed}
+        speed = self.throughput(timed, paths["test"], ids["test"])
 
         rows = self._rows(evals, chosen, arch, speed)
         rep = self._stage("report", self.out / "report",
@@ -396,6 +488,9 @@ class Pipeline:
         R.add_gaps(rows)
         self.log("")
         self.log(R.gap_table_text(rows, title=f"{r.name}: share of the student-teacher gap closed (test split)"))
+        note = self._teacher_note(rows)
+        if note:
+            self.log(note)
         self.log(f"\nreport: {rep.folder / 'report.md'}  ({time.time() - t0:.1f}s)")
         return PipelineResult(self.out, rows, self.stages, rep.folder / "report.md", rep.folder / "report.csv")
 
@@ -404,10 +499,11 @@ class Pipeline:
 
         def metrics(run: str, who: str) -> dict:
             m = json.loads((evals[run].folder / "metrics.json").read_text())
-            m["samples_per_s"] = speed[who]
+            m["samples_per_s"] = speed.get(who, float("nan"))  # (a calculator teacher is not timed)
             return m
 
-        rows = [R.Row("teacher", "teacher", metrics("teacher", "teacher"), model=r.teacher.preset or arch or "")]
+        model = r.teacher.calculator or r.teacher.preset or arch or ""
+        rows = [R.Row("teacher", "teacher", metrics("teacher", "teacher"), model=model)]
         for name, spec in [("baseline", None)] + [(s.name, chosen[s.name]) for s in r.strategies]:
             run_name = "baseline" if spec is None else spec.name
             per_seed = [metrics(self.run_id(run_name, seed), "student") for seed in r.seeds]
@@ -415,6 +511,19 @@ class Pipeline:
             rows.append(R.Row.over_seeds(name, kind, per_seed, r.seeds, model=r.student.preset or "",
                                          strategy="" if spec is None else spec.label()))
         return R.add_gaps(rows)
+
+    def _teacher_note(self, rows: list) -> str:
+        """What the teacher row means for a calculator teacher ("" for a model teacher)."""
+        if self.recipe.teacher.calculator is None:
+            return ""
+        e, f = rows[0].metrics["energy_mae"], rows[0].metrics["force_mae"]
+        text = (f"The teacher is the ASE calculator `{self.recipe.teacher.calculator}`, measured on the test split "
+                f"as a model is (energy MAE {e:.3g} meV, force MAE {f:.3g} meV/Å)")
+        if max(e, f) < REPRODUCES_LABELS:
+            return text + (": it reproduces the test labels (it is the method that made them), so its row is the "
+                           "reference itself, and gap closed is the share of the baseline's error that a run removes, "
+                           "(baseline − run) / baseline.")
+        return text + "; gap closed is measured against it as against a model teacher."
 
     def _write_report(self, folder: Path, rows: list, evals: dict, runs: dict, chosen: dict) -> dict:
         from kdcache.pipeline import plots as P
@@ -480,8 +589,19 @@ class Pipeline:
                 lines += [f"| {n} | " + " | ".join(f"{v:.3f}" for v in values[i]) + " |" for i, n in enumerate(names)]
                 extra = f"Linear CKA on {n_atoms} test atoms:\n\n" + "\n".join(lines)
                 np.savetxt(folder / "cka.csv", values, delimiter=",", header=",".join(cols), comments="")
-        intro = (f"Recipe `{r.path}`; teacher `{r.teacher.preset or r.teacher.checkpoint}`, "
+        intro = (f"Recipe `{r.path}`; teacher `{r.teacher.describe()}`, "
                  f"student `{r.student.preset}`; test split `{r.data.test or 'demo'}`.")
+        if r.data.sample is not None:
+            counts = read_stage(self.out / "sampled")["outputs"]["counts"]
+            sm = r.data.sample
+            intro += (f" Sampled data: {counts['candidates']} candidates of the {counts['seed_structures']} training "
+                      f"structures (`kdcache data sample`: {sm['per_seed']} per structure, rattle {sm['rattle']:g} Å, "
+                      f"strain {sm['strain']:g}, minimum distance {sm['min_distance']:g} Å, seed {sm['seed']}), "
+                      "without labels; the teacher labelled them once (`store-sampled/`). Runs marked "
+                      "*sampled data* train on them in place of the training split.")
+        note = self._teacher_note(rows)
+        if note:
+            intro += " " + note
         R.write_markdown(rows, folder / "report.md", title, intro=intro, plots=figs, extra=extra)
         R.write_csv(rows, folder / "report.csv", config=r.name)
         return outputs

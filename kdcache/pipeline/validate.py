@@ -12,7 +12,7 @@ from pathlib import Path
 from kdcache.errors import CheckpointError, ConfigError
 from kdcache.pipeline import backends as B
 from kdcache.pipeline.recipe import Recipe, load_recipe
-from kdcache.pipeline.runner import resolve_store_features, run_folder
+from kdcache.pipeline.runner import CALCULATOR_FEATURES, resolve_store_features, run_folder
 from kdcache.train.strategies import STRATEGIES
 
 
@@ -38,6 +38,9 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
     runs = ["baseline"] + [c.name for s in r.strategies for c in s.candidates()]
     summary: dict = {"name": r.name, "out": str(r.out), "runs": runs, "seeds": list(r.seeds)}
     teacher_arch = None
+    if r.teacher.calculator is not None:
+        # named by the recipe's fixed table; nothing is imported here
+        summary["teacher"] = {"calculator": r.teacher.calculator, "spec": r.teacher.calculator_spec.name}
     if build_models:
         for key, spec in (("teacher", r.teacher), ("students", r.student)):
             if spec.preset is None:
@@ -55,6 +58,8 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
             _check_student_features(r, student, fail)
     if check_files:
         run_folder(r)  # the output folder can be made (not an existing file)
+        if r.teacher.calculator is not None:
+            _check_calculator_package(r, fail)
         if r.data.demo is None:
             for k in ("train", "val", "test"):
                 if not Path(getattr(r.data, k)).exists():
@@ -69,10 +74,23 @@ def validate_recipe(recipe: str | Path | Recipe, check_files: bool = True, build
                                           **B.checkpoint_summary(r.teacher.checkpoint)}
             except CheckpointError as exc:
                 raise fail("teacher.checkpoint", str(exc)) from None
-    if r.strategies:
+    if r.store_sources():
         # the checkpoint's or built model's name, else the preset's (resolved by teacher_kind)
-        summary["store_features"] = list(resolve_store_features(r, teacher_arch or r.teacher.preset))
+        feats = resolve_store_features(r, teacher_arch or r.teacher.preset)
+        summary["store_features"] = ([f"auto (what the calculator gives of {', '.join(CALCULATOR_FEATURES)})"]
+                                     if feats is None else list(feats))
+        summary["stores"] = r.store_sources()
     return summary
+
+
+def _check_calculator_package(r: Recipe, fail) -> None:
+    """The calculator's package is installed (looked up, not imported: validating runs no code)."""
+    import importlib.util
+
+    top = r.teacher.calculator_spec.module.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        raise fail("teacher.calculator", f"{r.teacher.calculator} needs the Python package {top!r}, which is not "
+                                         f"installed (pip install {top})")
 
 
 def _check_student_features(r: Recipe, student: dict, fail) -> None:
@@ -91,9 +109,13 @@ def format_summary(summary: dict) -> str:
     for key in ("teacher", "students"):
         if key in summary:
             m = summary[key]
-            lines.append(f"  {key:<8} {m['preset']:<16} {m['name']:<10} {m['params'] / 1e6:8.3f} M parameters")
+            if "calculator" in m:
+                lines.append(f"  {key:<8} calculator {m['calculator']} ({m['spec']})")
+            else:
+                lines.append(f"  {key:<8} {m['preset']:<16} {m['name']:<10} {m['params'] / 1e6:8.3f} M parameters")
     if "store_features" in summary:
-        lines.append(f"  store    {', '.join(summary['store_features'])}")
+        where = " and ".join({"train": "training split", "sampled": "sampled data"}[s] for s in summary["stores"])
+        lines.append(f"  store    {', '.join(summary['store_features'])}; of the {where}")
     seeds = summary.get("seeds") or []
     per = f" x {len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
     lines.append(f"  runs     {', '.join(summary['runs'])}{per}")

@@ -31,7 +31,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from kdcache.store.request import check_settings  # noqa: F401  (kdcache.pipelin
 from kdcache.store.writer import PROGRESS_DIR, StoreWriter, remove_store
 
 if TYPE_CHECKING:
+    from kdcache.teachers.adapter import AdapterSpec
     from kdcache.teachers.calculator import CalculatorSpec
 
 RANDOM_TEACHER_WARNING = (
@@ -74,12 +75,16 @@ class Teacher:
     preset: str | None = None
     seed: int | None = None
     extra: dict = field(default_factory=dict)
+    #: store key -> module path of the features taken by forward hooks (kdcache.teachers.hooks)
+    feature_modules: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
         """What of the teacher decides the stored values (part of the store's request)."""
         d = {k: self.describe()[k] for k in ("name", "config", "checkpoint_sha256", "weights_sha256")}
         if self.checkpoint is None:
             d["seed"] = self.seed
+        if self.feature_modules:  # absent otherwise: the records of earlier stores stay valid
+            d["feature_modules"] = self.feature_modules
         return d
 
     @property
@@ -102,6 +107,8 @@ class Teacher:
             "normalizer": self.model.normalizer.as_dict(),
             **self.extra,
         }
+        if self.feature_modules:
+            d["feature_modules"] = self.feature_modules
         if self.checkpoint is None:
             d["random_init"] = True
             d["seed"] = self.seed
@@ -187,20 +194,24 @@ def resolve_features(model, features: Sequence[str] | None) -> tuple[list[str], 
     """(per-atom keys to store, whether energies/forces are stored) for ``--features``.
 
     Args:
-        model: the teacher model (its ``available_features``).
+        model: the teacher model (its ``available_features``; an adapter's ``offers_atom_energy``
+            and the ``hooked_features`` of :class:`kdcache.teachers.hooks.HookedTeacher`, which
+            are stored whatever ``features`` says).
         features: the request's ``features`` (checked names; None: all the model offers).
 
     Raises:
         ConfigError: a feature the model cannot give, or nothing per atom selected.
     """
     offered = [k for k in F.HIDDEN_KEYS if k in model.available_features]
-    wanted = [*offered, K.ATOM_ENERGY, F.OUTPUTS] if features is None else list(features)
-    lacking = [f for f in wanted if f in F.HIDDEN_KEYS and f not in offered]
+    labels = [K.ATOM_ENERGY, F.OUTPUTS] if getattr(model, "offers_atom_energy", True) else [F.OUTPUTS]
+    hooked = list(getattr(model, "hooked_features", ()))
+    wanted = [*offered, *labels] if features is None else list(dict.fromkeys([*features, *hooked]))
+    lacking = [f for f in wanted if f not in offered + labels]
     if lacking:
         hint = ""
         if K.VECTOR in offered and (K.E2V in lacking or K.E2N in lacking):
             hint = " (a PaiNN teacher's v2v target is its own 'vector' feature)"
-        raise ConfigError(f"teacher {model.name!r} cannot give {lacking}: it offers {offered + [K.ATOM_ENERGY, F.OUTPUTS]}{hint}")
+        raise ConfigError(f"teacher {model.name!r} cannot give {lacking}: it offers {offered + labels}{hint}")
     keys = [k for k in F.PER_ATOM_KEYS if k in wanted or (k == K.FORCES and F.OUTPUTS in wanted)]
     if not keys:
         raise ConfigError("--features selects nothing per atom; name at least one of node, e2n, e2v, vector, atom_energy, outputs")
@@ -237,11 +248,18 @@ class ModelRunner:
     {key: tensor, "energy": [S]}`` that calls ``advance(k)`` as samples are done; and it is a
     context manager.
 
+    With ``hessian_probes`` K > 0 it also gives ``hvp [N, 3, K]``, the products of the teacher's
+    force Jacobian with each sample's probes (:mod:`kdcache.hessian`), in eV/Å².
+
     Args:
         teacher: the model teacher.
-        request: the extraction's settings (``features``, ``teacher_dtype``, ``batch_size``).
+        request: the extraction's settings (``features``, ``teacher_dtype``, ``batch_size``,
+            ``hessian_probes``).
         dataset: where the samples come from.
         dev: where the model runs.
+
+    Raises:
+        ConfigError: ``hessian_probes`` for a teacher that predicts no forces.
     """
 
     #: batches decide the values (a batch's sums), so a resume must batch the same way
@@ -255,6 +273,12 @@ class ModelRunner:
         self.hidden = [k for k in self.keys if k in F.HIDDEN_KEYS]
         self.dataset, self.dev = dataset, dev
         self.teacher_dtype, self.batch_size = request.teacher_dtype, request.batch_size
+        self.hessian_probes = request.hessian_probes
+        if self.hessian_probes:
+            if not getattr(self.model, "regress_forces", False):
+                raise ConfigError(f"--hessian-probes: teacher {self.model.name!r} predicts no forces to differentiate")
+            self.keys = [*self.keys, K.HVP]
+            self.value_settings = (*type(self).value_settings, "hessian_probes")
 
     def __enter__(self) -> "ModelRunner":
         return self
@@ -271,47 +295,84 @@ class ModelRunner:
         from kdcache.data.batch import collate
 
         batch = _batch_to(collate(items, self.dataset), self.dev, self.teacher_dtype)  # labels not needed
-        pred = self.model.predict(batch, self.hidden)
+        if not self.hessian_probes:
+            pred = self.model.predict(batch, self.hidden)
+        else:
+            pred = self._with_products(batch, ids)
         advance(len(items))
         return pred
 
+    def _with_products(self, batch, ids) -> dict:
+        """:meth:`PotentialModel.predict` plus ``hvp``: positions that require grad make the model
+        keep the forces' graph (``create_graph``), which the products then differentiate."""
+        from kdcache.hessian import batch_probes, force_jacobian_products
+
+        pos = batch[K.POSITIONS].detach().requires_grad_(True)
+        batch[K.POSITIONS] = pos
+        # drawn on the CPU from the store's sample indices (= dataset indices), as stage two does
+        probes = batch_probes(list(ids), batch[K.NATOMS].tolist(), self.hessian_probes,
+                               getattr(batch, K.FIXED, None))
+        with torch.enable_grad():
+            pred = self.model.predict(batch, self.hidden)
+            # (a model that does not say how it makes forces gets the general, non-symmetric product)
+            symmetric = bool(getattr(self.model, "gradient_forces", False))
+            pred[K.HVP] = force_jacobian_products(pred[K.FORCES], pos, probes.to(pos), symmetric)
+        return {k: v.detach() for k, v in pred.items()}
+
 
 def resolve_teacher(request: ExtractRequest, dataset, dev: torch.device):
-    """The teacher and its runner for the request's ``teacher``/``checkpoint``.
+    """The teacher and its runner for the request's ``teacher``/``checkpoint``/``feature_modules``.
 
-    A calculator teacher is accepted only as a
-    :class:`~kdcache.teachers.calculator.CalculatorSpec` object (what ``kdcache extract
-    --teacher ase:...`` parses), never as a string: a string reaches here also from settings a
-    user names implicitly (a pipeline recipe's ``teacher.preset``), and a calculator spec imports
-    and runs the module it names (see :mod:`kdcache.teachers.calculator`).
+    A teacher that is code to import, an ASE calculator (``ase:...``) or an adapter module
+    (``py:...``), is accepted only as an object (a
+    :class:`~kdcache.teachers.calculator.CalculatorSpec` or
+    :class:`~kdcache.teachers.adapter.AdapterSpec`: what ``kdcache extract --teacher`` parses),
+    never as a string: a string reaches here also from settings a user names implicitly (a
+    pipeline recipe's ``teacher.preset``), and such a spec imports and runs the module it names
+    (see :mod:`kdcache.teachers.spec`).
 
     Args:
-        request: the extraction's settings (``teacher``, ``checkpoint``, ``seed``, ``workers``
-            and what the runner uses).
+        request: the extraction's settings (``teacher``, ``checkpoint``, ``seed``, ``workers``,
+            ``feature_modules`` and what the runner uses).
         dataset: the dataset.
         dev: where a model runs.
 
     Raises:
-        ConfigError: a calculator spec given as a string, a calculator with a checkpoint, or
-            ``--workers`` with a model teacher.
+        ConfigError: a calculator or adapter spec given as a string, a calculator or adapter
+            with a checkpoint, ``--workers`` with a model teacher, ``--feature`` with a
+            calculator, or a ``--feature`` module path the teacher lacks.
     """
+    from kdcache.teachers.adapter import AdapterSpec, AdapterTeacher, is_adapter_spec
     from kdcache.teachers.calculator import CalculatorSpec, CalculatorTeacher, is_calculator_spec
+    from kdcache.teachers.hooks import hook_features
 
     teacher, checkpoint = request.teacher, request.checkpoint
     if isinstance(teacher, CalculatorSpec):
         if checkpoint is not None:
             raise ConfigError(f"--teacher {teacher.name} is an ASE calculator; it takes no --checkpoint")
+        if request.feature_modules:
+            raise ConfigError(f"--feature takes a module of a torch teacher; --teacher {teacher.name} is an ASE "
+                              "calculator, which has none")
         calc = CalculatorTeacher(teacher)
         return calc, calc.runner(request.features, dataset, request.workers)
-    if is_calculator_spec(teacher):
-        raise ConfigError(
-            f"teacher {teacher!r}: an ASE calculator teacher imports and runs the module it names, so it is "
-            "taken only from the command line (`kdcache extract --teacher ase:MODULE:FACTORY`), or in Python as "
-            "kdcache.teachers.calculator.CalculatorSpec; not from a recipe or another setting")
+    for is_spec, kind, form, cls in ((is_calculator_spec, "an ASE calculator", "ase:MODULE:FACTORY", CalculatorSpec),
+                                     (is_adapter_spec, "an adapter", "py:MODULE:FUNCTION", AdapterSpec)):
+        if is_spec(teacher):
+            raise ConfigError(
+                f"teacher {teacher!r}: {kind} teacher imports and runs the module it names, so it is taken only "
+                f"from the command line (`kdcache extract --teacher {form}`), or in Python as "
+                f"{cls.__module__}.{cls.__name__}; not from a recipe or another setting")
     if request.workers != 1:
         raise ConfigError("--workers is for ASE calculator teachers (--teacher ase:...); a model teacher runs "
                           "batches in one process per device (several GPUs: torchrun)")
-    model_teacher = load_teacher(teacher, checkpoint, dev, seed=request.seed)
+    if isinstance(teacher, AdapterSpec):
+        if checkpoint is not None:
+            raise ConfigError(f"--teacher {teacher.name} is an adapter; it takes no --checkpoint: load the weights in "
+                              f"{teacher.function}, e.g. from a path among its keyword arguments")
+        model_teacher = AdapterTeacher(teacher, dev)
+    else:
+        model_teacher = load_teacher(teacher, checkpoint, dev, seed=request.seed)
+    hook_features(model_teacher, request.feature_modules)
     return model_teacher, ModelRunner(model_teacher, request, dataset, dev)
 
 
@@ -344,7 +405,7 @@ class ExtractResult:
 def extract(
     data: str | os.PathLike,
     out: str | os.PathLike,
-    teacher: str | CalculatorSpec | None = None,
+    teacher: str | CalculatorSpec | AdapterSpec | None = None,
     checkpoint: str | None = None,
     features: Sequence[str] | None = None,
     dtype: str = _DEFAULT["dtype"],
@@ -360,6 +421,8 @@ def extract(
     progress: bool = _DEFAULT["progress"],
     teacher_dtype: str = _DEFAULT["teacher_dtype"],
     workers: int = _DEFAULT["workers"],
+    hessian_probes: int = _DEFAULT["hessian_probes"],
+    feature_modules: Mapping[str, str] | Sequence[str] | None = None,
 ) -> ExtractResult:
     """Run ``teacher`` over ``data`` into the store ``out`` (create, resume, or refuse).
 
@@ -371,12 +434,13 @@ def extract(
         data: dataset path (anything :func:`kdcache.data.open_dataset` reads).
         out: store folder (``*.zarr``).
         teacher: preset name, or an ASE calculator as a
-            :class:`~kdcache.teachers.calculator.CalculatorSpec` (a string is refused, see
+            :class:`~kdcache.teachers.calculator.CalculatorSpec`, or an adapter module as a
+            :class:`~kdcache.teachers.adapter.AdapterSpec` (a string of those is refused, see
             :func:`resolve_teacher`); optional when ``checkpoint`` names its model.
         checkpoint: teacher checkpoint (its configuration wins over the preset's).
         features, dtype, label_dtype, codec, batch_size, device, limit, shard_atoms,
-            chunk_atoms, overwrite, seed, progress, teacher_dtype, workers: see
-            :class:`~kdcache.store.request.ExtractRequest`.
+            chunk_atoms, overwrite, seed, progress, teacher_dtype, workers, hessian_probes,
+            feature_modules: see :class:`~kdcache.store.request.ExtractRequest`.
 
     Raises:
         ConfigError: a setting no store can be made with (before any work).
@@ -385,7 +449,7 @@ def extract(
         data=data, out=out, teacher=teacher, checkpoint=checkpoint, features=features, dtype=dtype,
         label_dtype=label_dtype, codec=codec, batch_size=batch_size, device=device, limit=limit,
         shard_atoms=shard_atoms, chunk_atoms=chunk_atoms, overwrite=overwrite, seed=seed, progress=progress,
-        teacher_dtype=teacher_dtype, workers=workers)
+        teacher_dtype=teacher_dtype, workers=workers, hessian_probes=hessian_probes, feature_modules=feature_modules)
     return run_extract(request)
 
 
@@ -679,6 +743,10 @@ def _prepare_store(job: _Job) -> bool:
         "has_energy": job.runner.has_energy,
         "warnings": list(job.teacher.warnings),
     }
+    if getattr(job.runner, "hessian_probes", 0):  # how stage two regenerates the probes
+        from kdcache.hessian import describe
+
+        provenance["hessian"] = describe(job.runner.hessian_probes)
     # build the empty store beside its final place and rename it: a kill during creation leaves
     # no half-made store under the requested name
     tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")

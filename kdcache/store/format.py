@@ -40,7 +40,7 @@ DAMAGED_HINT = "the store is damaged; extract it again (`kdcache extract ... --o
 ATTR = "kdcache"
 
 #: per-atom arrays and the shape of one atom's row (``d`` = channels, filled in at creation)
-PER_ATOM_KEYS = (K.NODE, K.E2N, K.E2V, K.VECTOR, K.ATOM_ENERGY, K.FORCES)
+PER_ATOM_KEYS = (K.NODE, K.E2N, K.E2V, K.VECTOR, K.ATOM_ENERGY, K.FORCES, K.HVP)
 #: per-sample arrays (always present)
 SAMPLE_HASH = "sample_hash"
 ATOM_START = "atom_start"
@@ -51,6 +51,9 @@ OUTPUTS = "outputs"
 FEATURE_CHOICES = (K.NODE, K.E2N, K.E2V, K.VECTOR, K.ATOM_ENERGY, OUTPUTS)
 #: hidden features (stored in the feature dtype); the rest are labels (stored in the label dtype)
 HIDDEN_KEYS = (K.NODE, K.E2N, K.E2V, K.VECTOR)
+#: stored in the feature dtype (``--dtype``): the hidden features and the Hessian-vector products
+#: (``--hessian-probes``: a distillation target, not a label; float16 halves its 12·N·K bytes)
+FEATURE_DTYPE_KEYS = (*HIDDEN_KEYS, K.HVP)
 
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")
 LABEL_DTYPES = ("float32", "float64")

@@ -20,9 +20,11 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Sequenc
 from pydantic import BeforeValidator, ConfigDict, Field, InstanceOf, ValidationError, ValidationInfo, model_validator
 
 from kdcache.errors import ConfigError
-from kdcache.settings import Schema, choice, config_error, integer
+from kdcache.settings import Schema, choice, config_error, integer, refuse
 from kdcache.store import format as F
+from kdcache.teachers.adapter import AdapterSpec
 from kdcache.teachers.calculator import CalculatorSpec
+from kdcache.teachers.hooks import parse_feature_modules
 
 #: the precisions a teacher model runs in (``--teacher-dtype``)
 TEACHER_DTYPES = ("float32", "float64")
@@ -46,6 +48,14 @@ def _feature_list(value: Any) -> Any:
     return tuple(f.strip() for f in items if not isinstance(f, str) or f.strip())
 
 
+def _feature_modules(value: Any) -> Any:
+    """``["node=interactions.2"]`` (repeated ``--feature``) or a mapping as ``{key: path}``."""
+    try:
+        return parse_feature_modules(value) or None
+    except ValueError as exc:
+        raise refuse("", str(exc)) from None
+
+
 class ExtractRequest(Schema):
     """Every setting of one extraction (``kdcache extract``); see :mod:`kdcache.store.request`.
 
@@ -57,12 +67,13 @@ class ExtractRequest(Schema):
 
     data: Path = Field(strict=False, description="Dataset: an .lmdb file, a folder of .lmdb files, or an ASE/xyz file.")
     out: Path = Field(strict=False, description="The store to write (a folder, e.g. teacher.zarr).")
-    teacher: Union[str, InstanceOf[CalculatorSpec], None] = Field(None, description=(
+    teacher: Union[str, InstanceOf[CalculatorSpec], InstanceOf[AdapterSpec], None] = Field(None, description=(
         "Preset name (gemnet-oc, painn-big, schnet, *-tiny ...). Optional with a checkpoint, whose own model "
         "configuration always wins. Without --checkpoint: randomly initialised (demo only). Or any ASE "
         "calculator, ase:MODULE:FACTORY[:JSON-KWARGS], e.g. ase:ase.calculators.emt:EMT or "
         "'ase:tblite.ase:TBLite:{\"method\": \"GFN2-xTB\"}': it stores energies, forces and, where the calculator "
-        "gives them, per-atom energies (this imports MODULE and runs its code)."))
+        "gives them, per-atom energies. Or any torch module, py:MODULE:FUNCTION[:JSON-KWARGS], where FUNCTION "
+        "returns a module with the adapter contract (docs/adapter-teachers.md). Both import MODULE and run its code."))
     checkpoint: Annotated[Optional[str], BeforeValidator(_path_text)] = Field(
         None, description="Teacher checkpoint (Open Catalyst or kdcache); its configuration wins over the preset's.")
     features: Annotated[Optional[tuple[FeatureName, ...]], BeforeValidator(_feature_list)] = Field(
@@ -87,6 +98,17 @@ class ExtractRequest(Schema):
                                         "parity checks).")
     workers: _POSITIVE = Field(1, description=(
         "Processes an ASE calculator teacher runs in; a resume may change it (the values do not depend on it)."))
+    hessian_probes: integer(ge=0) = Field(0, description=(
+        "Also store K Hessian-vector products per structure (hvp [N, 3, K], in --dtype: -dF/dpos times K random "
+        "probes regenerated from the sample index, for the hessian strategy; a model teacher only). Costs a double "
+        "backward per probe."))
+    feature_modules: Annotated[Optional[dict[str, str]], BeforeValidator(_feature_modules)] = Field(
+        None, description=(
+            "KEY=MODULE.PATH, repeatable: store the output of the teacher's submodule at that path (a forward "
+            "hook; model.get_submodule(PATH)) as hidden feature KEY, whatever --features says, e.g. "
+            "node=interactions.2, or vector=update_layers.1[1] ([i]: element i of a tuple output). node and e2n "
+            "need an output [atoms, d] (n2n reads node), vector and e2v [atoms, 3, d] (v2v reads vector). For "
+            "built-in and py: teachers."))
 
     @model_validator(mode="before")
     @classmethod
@@ -135,7 +157,7 @@ class ExtractRequest(Schema):
 
     def dtypes(self, keys: Sequence[str]) -> dict[str, str]:
         """Logical dtype of each stored key (``keys`` per atom, plus ``energy``)."""
-        out = {k: (self.dtype if k in F.HIDDEN_KEYS else self.label_dtype) for k in keys}
+        out = {k: (self.dtype if k in F.FEATURE_DTYPE_KEYS else self.label_dtype) for k in keys}
         out["energy"] = self.label_dtype
         return out
 
@@ -150,8 +172,8 @@ class ExtractRequest(Schema):
             keys: per-atom keys stored (from ``features``).
             has_energy: energies and forces stored (``outputs``).
             value_settings: the further settings of this request that decide the runner's
-                values (a model teacher's ``batch_size`` and ``teacher_dtype``; none for a
-                calculator).
+                values (a model teacher's ``batch_size`` and ``teacher_dtype``, and
+                ``hessian_probes`` when it stores products; none for a calculator).
         """
         own = {k: getattr(self, k) for k in ("codec", "shard_atoms", "chunk_atoms", *value_settings)}
         return StoreRecord(teacher=dict(teacher), dataset=dict(dataset), num_samples=num_samples, features=list(keys),
@@ -176,6 +198,7 @@ class StoreRecord(Schema):
     chunk_atoms: _POSITIVE
     batch_size: Optional[_POSITIVE] = Field(None, description="A model teacher's batches (they decide the sums).")
     teacher_dtype: Optional[choice(TEACHER_DTYPES)] = Field(None, description="A model teacher's precision.")
+    hessian_probes: Optional[_POSITIVE] = Field(None, description="Hessian-vector products stored per structure.")
 
     def as_attrs(self) -> dict:
         """The record as stored (settings a runner does not use left out)."""
@@ -183,9 +206,13 @@ class StoreRecord(Schema):
 
 
 # --- the rules, by field --------------------------------------------------------------------
+#: settings whose option is not their name: one ``--feature KEY=PATH`` per hooked feature
+_OPTIONS = {"feature_modules": "--feature"}
+
+
 def option_name(setting: str) -> str:
     """The command-line option of a setting (``shard_atoms`` -> ``--shard-atoms``)."""
-    return "--" + setting.replace("_", "-")
+    return _OPTIONS.get(setting) or "--" + setting.replace("_", "-")
 
 
 def choices(setting: str) -> tuple | None:
@@ -252,6 +279,11 @@ def check_settings(settings: Mapping[str, Any], name: Callable[[str], str] = opt
         if bound is not None and isinstance(value, int) and not isinstance(value, bool) and value <= bound:
             left_out = " (leave it out to store every sample)" if key == "limit" else ""
             raise ConfigError(f"{name(key)}: must be positive, got {value}{left_out}")
+    probes = settings.get("hessian_probes")
+    if isinstance(settings.get("teacher"), CalculatorSpec) and isinstance(probes, int) and probes > 0:
+        # the products are autograd through the teacher's forces; a calculator gives numbers only
+        raise ConfigError(f"{name('hessian_probes')}: needs a model teacher (Hessian-vector products are taken by "
+                          "autograd through its forces); an ASE calculator teacher gives none")
     if "shard_atoms" in settings or "chunk_atoms" in settings:
         # a shard file holds whole inner chunks (format.Layout.plan)
         shard = settings.get("shard_atoms", fields["shard_atoms"].default)

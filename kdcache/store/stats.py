@@ -7,7 +7,8 @@ and λ weighs it against the normalised label loss directly.
 What is kept per array (always over the atoms of stored samples, never the shard padding):
 
 * scalar features ``[A, d]`` (``node``, ``e2n``): per-channel mean and standard deviation;
-* vector features ``[A, 3, d]`` (``e2v``, ``vector``): per-channel RMS norm
+* vector features ``[A, 3, d]`` (``e2v``, ``vector``) and Hessian-vector products ``[A, 3, K]``
+  (``hvp``, one channel per probe): per-channel RMS norm
   ``sqrt(mean_atoms |v|²)``, with **no shift**: subtracting a mean vector would break rotation
   equivariance, and dividing by a per-channel scalar keeps it;
 * per-atom energies ``[A]``: mean and standard deviation.
@@ -27,7 +28,7 @@ from kdcache import keys as K
 
 #: how each stored array is summarised
 SCALAR_KEYS = (K.NODE, K.E2N, K.ATOM_ENERGY)
-VECTOR_KEYS = (K.E2V, K.VECTOR)
+VECTOR_KEYS = (K.E2V, K.VECTOR, K.HVP)
 STATS_KEYS = SCALAR_KEYS + VECTOR_KEYS
 #: a channel whose spread is below this is treated as constant (scale 1, so it is not blown up)
 MIN_SCALE = 1e-8

@@ -68,7 +68,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
         "size_bytes": _dir_bytes(store.path),
         "arrays": arrays,
         "features": list(store.feature_keys),
-        "teacher": {k: teacher.get(k) for k in ("name", "preset", "checkpoint", "checkpoint_sha256", "weights_sha256", "random_init", "warning") if k in teacher},
+        "teacher": {k: teacher.get(k) for k in ("name", "preset", "checkpoint", "checkpoint_sha256", "weights_sha256", "random_init", "warning", "feature_modules") if k in teacher},
         "teacher_config": teacher.get("config"),
         "dataset": prov.get("dataset"),
         "graph": prov.get("graph"),

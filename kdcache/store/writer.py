@@ -23,6 +23,7 @@ import zarr
 import kdcache
 from kdcache import keys as K
 from kdcache.errors import StoreError
+from kdcache.hessian import UNIT as HVP_UNIT
 from kdcache.store.stats import STATS_KEYS, RunningStats, merge_all
 from kdcache.store import format as F
 
@@ -406,7 +407,7 @@ def remove_store(path: str | os.PathLike) -> None:
 
 
 def _unit(key: str) -> str:
-    return {K.ATOM_ENERGY: "eV", K.FORCES: "eV/Å"}.get(key, "teacher feature units (dimensionless)")
+    return {K.ATOM_ENERGY: "eV", K.FORCES: "eV/Å", K.HVP: HVP_UNIT}.get(key, "teacher feature units (dimensionless)")
 
 
 def _short(v: Any, n: int = 80) -> str:

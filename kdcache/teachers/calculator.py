@@ -29,10 +29,7 @@ process starts quickly; torch and the store are imported by the functions the ma
 from __future__ import annotations
 
 import hashlib
-import importlib
-import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -40,16 +37,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from kdcache.errors import ConfigError, DataError
+from kdcache.teachers.spec import CodeSyntax
 
 PREFIX = "ase:"
-#: a module path or a factory's attribute path: dotted Python identifiers
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_FORMAT = "ase:MODULE:FACTORY[:JSON-KWARGS], e.g. ase:ase.calculators.emt:EMT"
+#: how a calculator teacher is written (parsed, imported and called as every code teacher)
+SYNTAX = CodeSyntax(PREFIX, "calculator teacher", "ase:MODULE:FACTORY[:JSON-KWARGS], e.g. ase:ase.calculators.emt:EMT",
+                    '{"method": "GFN2-xTB"}')
 
 
 def is_calculator_spec(text: Any) -> bool:
     """Whether a ``--teacher`` value names an ASE calculator (``ase:...``) rather than a preset."""
-    return isinstance(text, str) and text.strip().lower().startswith(PREFIX)
+    return SYNTAX.matches(text)
 
 
 @dataclass(frozen=True)
@@ -67,29 +65,17 @@ class CalculatorSpec:
     kwargs: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "CalculatorSpec":
+    def parse(cls, text: str, option: str = "--teacher") -> "CalculatorSpec":
         """``ase:MODULE:FACTORY[:JSON-KWARGS]`` as a spec (the JSON may itself hold colons).
+
+        Args:
+            text: the spec.
+            option: the option it was given to, for messages.
 
         Raises:
             ConfigError: not of that form, or keyword arguments that are not a JSON object.
         """
-        if not is_calculator_spec(text):
-            raise ConfigError(f"--teacher {text!r}: a calculator teacher is written {_FORMAT}")
-        module, _, rest = text.strip()[len(PREFIX):].partition(":")
-        factory, _, raw = rest.partition(":")
-        if not _DOTTED.match(module) or not _DOTTED.match(factory):
-            raise ConfigError(f"--teacher {text!r}: expected {_FORMAT}")
-        kwargs: Any = {}
-        if raw.strip():
-            try:
-                kwargs = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"--teacher {text!r}: the keyword arguments are not JSON "
-                                  f"({exc.msg} at character {exc.pos} of {raw!r})") from None
-            if not isinstance(kwargs, dict):
-                raise ConfigError(f"--teacher {text!r}: the keyword arguments must be a JSON object, "
-                                  f"e.g. {{\"method\": \"GFN2-xTB\"}}; got {raw!r}")
-        return cls(module, factory, kwargs)
+        return cls(*SYNTAX.split(text, option))
 
     @property
     def name(self) -> str:
@@ -103,22 +89,7 @@ class CalculatorSpec:
             ConfigError: the module does not import, has no such factory, or the factory fails
                 or gives something that is not an ASE calculator.
         """
-        try:
-            obj = importlib.import_module(self.module)
-        except Exception as exc:  # ImportError, or whatever the module's own code raises
-            raise ConfigError(f"calculator teacher {self.name}: cannot import {self.module!r} "
-                              f"({type(exc).__name__}: {exc})") from None
-        for part in self.factory.split("."):
-            if not hasattr(obj, part):
-                raise ConfigError(f"calculator teacher {self.name}: {self.module} has no {self.factory!r}")
-            obj = getattr(obj, part)
-        if not callable(obj):
-            raise ConfigError(f"calculator teacher {self.name}: {self.module}.{self.factory} is not callable")
-        try:
-            calc = obj(**self.kwargs)
-        except Exception as exc:
-            raise ConfigError(f"calculator teacher {self.name}: {self.factory}(**{json.dumps(self.kwargs)}) failed "
-                              f"({type(exc).__name__}: {exc})") from None
+        calc = SYNTAX.call(self.name, self.module, self.factory, self.kwargs)
         if not all(callable(getattr(calc, m, None)) for m in ("get_potential_energy", "get_forces")):
             raise ConfigError(f"calculator teacher {self.name}: {self.factory}(...) gave a {type(calc).__name__}, "
                               "not an ASE calculator (no get_potential_energy/get_forces)")

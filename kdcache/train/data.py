@@ -6,9 +6,12 @@ a few chunks, so the read stays local). The join is by global dataset index and 
 (atom counts, and the structure hash when the store records it).
 
 Augmentation that moves atoms must move the targets with them: ``rotate`` turns positions, cell,
-forces and every vector target (``e2v``, ``vector``, stored forces) by the same rotation. The
-rotation of a sample depends only on (seed, epoch, sample index), so a resumed run sees the same
-rotations as an uninterrupted one, whatever the number of loader workers.
+forces and every vector target (``e2v``, ``vector``, stored forces, ``hvp``) by the same rotation,
+and the Hessian probes with them: they are drawn in the stored frame (:mod:`kdcache.hessian`) and
+attached as ``hvp_probes`` before the rotation, so ``R·(H v) = (R H Rᵀ)(R v)`` pairs the rotated
+target with the rotated probe. The rotation of a sample depends only on (seed, epoch, sample
+index), so a resumed run sees the same rotations as an uninterrupted one, whatever the number of
+loader workers.
 
 Training batches go through :func:`kdcache.data.collate` with the labels required: a sample
 without energy or forces, or with a value that is not finite in float32, stops the run with an
@@ -30,12 +33,13 @@ from kdcache import keys as K
 from kdcache.data.batch import LABELS, collate, sample_file
 from kdcache.data.sample import sample_hash
 from kdcache.errors import ConfigError, DataError, KDCacheError
+from kdcache.hessian import check_probe_rule, probe_vectors
 from kdcache.train.config import AUGMENTATIONS
 
 #: stored targets ride in a batch under ``kd_<store key>`` (e.g. ``kd_e2v [N, 3, d]``)
 TARGET_PREFIX = "kd_"
 #: store keys that rotate with the structure (the last axis, if any, is channels)
-VECTOR_TARGETS = (K.E2V, K.VECTOR, K.FORCES)
+VECTOR_TARGETS = (K.E2V, K.VECTOR, K.FORCES, K.HVP)
 PER_SAMPLE_TARGETS = (K.ENERGY,)
 #: the store keys the teacher's labels come from (``labels: teacher|both``)
 TEACHER_LABEL_KEYS = (K.ENERGY, K.FORCES)
@@ -73,18 +77,19 @@ def random_rotation(generator: torch.Generator, dtype=torch.float64) -> torch.Te
 
 
 def rotate_sample(data, rot: torch.Tensor, target_keys: Sequence[str] = ()) -> None:
-    """Rotate a sample in place: ``x -> x @ R^T`` for positions, cell rows, forces, vector targets."""
+    """Rotate a sample in place: ``x -> x @ R^T`` for positions, cell rows, forces, vector targets
+    and Hessian probes (``[n, 3, ...]``: the axis after the atoms is the one turned)."""
     data[K.POSITIONS] = data[K.POSITIONS] @ rot.to(data[K.POSITIONS].dtype).T
     if getattr(data, K.CELL, None) is not None:
         data[K.CELL] = data[K.CELL] @ rot.to(data[K.CELL].dtype).T
     if getattr(data, K.FORCES, None) is not None:
         data[K.FORCES] = data[K.FORCES] @ rot.to(data[K.FORCES].dtype).T
-    for key in target_keys:
-        if key not in VECTOR_TARGETS:
-            continue
-        t = data[target_key(key)]
-        r = rot.to(t.dtype)
-        data[target_key(key)] = torch.einsum("ij,aj...->ai...", r, t)
+    names = [target_key(k) for k in target_keys if k in VECTOR_TARGETS]
+    if getattr(data, K.HVP_PROBES, None) is not None:
+        names.append(K.HVP_PROBES)
+    for name in names:
+        t = data[name]
+        data[name] = torch.einsum("ij,aj...->ai...", rot.to(t.dtype), t)
 
 
 def _seed_of(*parts: int) -> int:
@@ -124,6 +129,10 @@ class JoinedDataset(Dataset):
         self.seed, self.epoch = int(seed), 0
         self.check_hash = check_hash
         self._hash_fn = sample_hash if store is not None and check_hash else None
+        #: probes per sample of a store's Hessian-vector products (0: none read)
+        self.hessian_probes = 0
+        if store is not None and K.HVP in self.store_keys:
+            self.hessian_probes = check_probe_rule(getattr(store, "provenance", {}), str(getattr(store, "path", "store")))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -185,6 +194,10 @@ class JoinedDataset(Dataset):
                                 f"{value.shape[0]} target rows for the {sum(natoms)} atoms of samples {glob}")
             for s, part in zip(samples, torch.split(value, natoms)):
                 s[target_key(key)] = part
+        if self.hessian_probes:  # in the stored frame: a rotation turns them with the targets
+            for s, g, n in zip(samples, glob, natoms):
+                probes = probe_vectors(g, n, self.hessian_probes, getattr(s, K.FIXED, None))
+                s[K.HVP_PROBES] = probes.to(torch.float32)
 
 
 def make_batch_sampler(num_samples: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0,

@@ -2,7 +2,9 @@
 
 L = a_E·MAE(E) + a_F·L2MAE(F) + Σ_k λ_k·L_k, all in the student's normalised units (energies
 ``(E - Σ ref[Z] - mean)/std``, forces ``F/std``), as in the reference training. Teacher energies, forces and
-per-atom energies are stored in physical units and go through the *same* normaliser.
+per-atom energies are stored in physical units and go through the *same* normaliser. The
+``hessian`` term differentiates the student's forces once more along the batch's probes, so its
+positions are made a leaf that requires grad before the student runs.
 
 Everything that has parameters (student and maps) sits in one module whose ``forward`` returns
 the losses, so DDP wraps a single module and EMA tracks a single parameter list.
@@ -15,6 +17,7 @@ from torch import nn
 
 from kdcache import keys as K
 from kdcache.errors import ConfigError
+from kdcache.hessian import force_jacobian_products
 from kdcache.train.data import target_key
 from kdcache.train.strategies import (
     Term,
@@ -90,6 +93,8 @@ class DistillationObjective(nn.Module):
             return self.energy_coef * energy_mae(out[K.ENERGY], e_t) + self.force_coef * force_l2mae(
                 out[K.FORCES], f_t, free
             )
+        if spec.kind == "hessian":
+            return self.hessian_loss(term, out, batch, free)
         if spec.kind == "atom_energy":  # vanilla2: per-atom energies, normalised like the sum
             pred = out[K.ATOM_ENERGY]
             ae = batch[target_key(K.ATOM_ENERGY)].to(pred.dtype)
@@ -98,6 +103,33 @@ class DistillationObjective(nn.Module):
             ae_norm = norm.norm_atom_energy(ae, per_atom_n, atom_ref)
             return torch.mean((pred - ae_norm) ** 2)
         raise ConfigError(f"strategy {term.name!r}: unknown kind {spec.kind!r}")  # pragma: no cover
+
+    def hessian_loss(self, term: Term, out: dict, batch, free: torch.Tensor | None) -> torch.Tensor:
+        """The student's ``−∂F/∂x · v`` for the batch's probes against the stored teacher's, over
+        the free atoms' rows, with the feature loss. Standardised (``feature_norm: standard``):
+        both in eV/Å² divided by the stored per-probe RMS norm (a scalar per probe: rotation
+        invariant); otherwise both in the student's normalised force units (``/std``).
+
+        Args:
+            term: the ``hessian`` term.
+            out: the student's outputs (forces with their graph).
+            batch: the batch (positions a leaf that requires grad, ``hvp_probes``, ``kd_hvp``).
+            free: the free atoms, or None.
+        """
+        student, norm = self.student, self.student.normalizer
+        forces = out[K.FORCES]
+        probes = batch[K.HVP_PROBES].to(forces.dtype)
+        # raw (normalised) forces, so these are the products in normalised units
+        pred = force_jacobian_products(forces, batch[K.POSITIONS], probes, student.gradient_forces, create_graph=True)
+        target = batch[target_key(self.store_keys[term.name][0])].to(pred.dtype)
+        if term.name in self._standardized:
+            scale = getattr(self, f"scale_{term.name}").to(pred.dtype)
+            pred, target = norm.denorm_forces(pred) / scale, target / scale
+        else:
+            target = norm.norm_forces(target)
+        if free is not None:
+            pred, target = pred[free], target[free]
+        return self.feature_loss(pred, target)
 
     def label_losses(self, out: dict, batch, free: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Energy MAE and force L2MAE against the batch's ``energy``/``forces``: the training
@@ -110,6 +142,8 @@ class DistillationObjective(nn.Module):
         return {K.ENERGY: energy_mae(out[K.ENERGY], e_t), K.FORCES: force_l2mae(out[K.FORCES], f_t, free)}
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
+        if any(t.spec.kind == "hessian" for t in self.terms):
+            batch[K.POSITIONS] = batch[K.POSITIONS].detach().requires_grad_(True)
         out = self.student(batch, features=self.features)
         free = free_atom_mask(batch)
         parts = self.label_losses(out, batch, free)

@@ -7,6 +7,9 @@ a new kind of target) one loss function. A run may combine strategies with weigh
 Feature strategies compare ``M_s(H_s)`` with ``H_t``: a learned map ``M_s`` takes the student's
 features to the teacher's width. For vector targets (``[N, 3, d]``) the map is linear, bias-free,
 and mixes channels only, so it commutes with rotations and the loss is rotation invariant.
+
+The ``hessian`` strategy has no map: the student's own Hessian-vector products (one more backward
+through its forces, :mod:`kdcache.hessian`) meet the stored teacher's.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class StrategySpec:
 
     Args:
         name: strategy name.
-        kind: ``"scalar"`` / ``"vector"`` feature matching, or ``"labels"`` / ``"atom_energy"``.
+        kind: ``"scalar"`` / ``"vector"`` feature matching, ``"labels"`` / ``"atom_energy"``, or
+            ``"hessian"`` (Hessian-vector products, :mod:`kdcache.hessian`).
         student_feature: the key the student's forward must hand out (None: labels only).
         store_keys: candidate store keys in order of preference (the first present is used);
             ``vanilla1`` needs every one of them.
@@ -37,6 +41,8 @@ class StrategySpec:
         default_lambda: λ of the strategy when none is given (feature strategies: for the
             default scale-free loss, ``feature_norm: standard``; docs/strategies.md shows the
             runs that chose them).
+        extract_option: the ``kdcache extract`` option that stores the target, for a target
+            that is no ``--features`` name (None: ``--features``).
     """
 
     name: str
@@ -45,6 +51,13 @@ class StrategySpec:
     store_keys: tuple[str, ...]
     needs_all: bool = False
     default_lambda: float = 1.0
+    extract_option: str | None = None
+
+    @property
+    def standardized(self) -> bool:
+        """Its stored target is standardised under ``feature_norm: standard`` (by the store's
+        statistics of it): the feature targets and the Hessian-vector products."""
+        return self.kind in ("scalar", "vector", "hessian")
 
 
 #: The one strategy table: the recipe checker, the pipeline's store features, the trainer and
@@ -61,6 +74,11 @@ STRATEGIES: dict[str, StrategySpec] = {
     "vanilla1": StrategySpec("vanilla1", "labels", None, (K.ENERGY, K.FORCES), needs_all=True, default_lambda=1.0),
     # per-atom energies in normalised units are small (~std/natoms): a weight of order 100
     "vanilla2": StrategySpec("vanilla2", "atom_energy", None, (K.ATOM_ENERGY,), default_lambda=100.0),
+    # the student's −∂F/∂x·v for the stored probes (kdcache/hessian.py) against the teacher's; the
+    # standardised term is ≈ 1/3 per component for an uninformed student, like v2v's, and λ = 10
+    # is a first guess below the feature strategies' 30, NOT yet tuned by experiment
+    "hessian": StrategySpec("hessian", "hessian", None, (K.HVP,), default_lambda=10.0,
+                            extract_option="--hessian-probes K"),
 }
 STRATEGY_NAMES = ("none",) + tuple(STRATEGIES)
 FEATURE_LOSSES = ("mse", "mae", "huber")
@@ -211,6 +229,8 @@ def teacher_features(kind: str | None) -> tuple[str, ...] | None:
 def needed_features(strategy: str, kind: str | None) -> tuple[str, ...]:
     """The ``--features`` a strategy reads from a store of a teacher of ``kind`` (None: unknown)."""
     spec = STRATEGIES[strategy]
+    if spec.extract_option is not None:  # stored by its own option, not by --features
+        return ()
     keys = spec.store_keys if spec.needs_all else candidate_keys(spec, kind)[:1]
     return tuple(dict.fromkeys(feature_name(k) for k in keys))
 
@@ -264,9 +284,10 @@ def resolve_store_keys(
         found = [k for k in candidate_keys(spec, kind, load=False) if k in have]
         if not found:
             teacher = f" (teacher {teacher_name})" if teacher_name else ""
+            how = f"; extract with {spec.extract_option}" if spec.extract_option else ""
             raise ConfigError(
                 f"strategy {term.name!r} needs stored teacher {' or '.join(spec.store_keys)} but "
-                f"{store_path}{teacher} holds {sorted(have)}"
+                f"{store_path}{teacher} holds {sorted(have)}{how}"
             )
         out[term.name] = (found[0],)
     return out

@@ -291,7 +291,7 @@ class Trainer:
         standardizers = {}
         if cfg.feature_norm == "standard":
             standardizers = {t.name: self.store.standardizer(self.store_keys[t.name][0])
-                             for t in self.terms if t.spec.kind in ("scalar", "vector")}
+                             for t in self.terms if t.spec.standardized}
         self.objective = DistillationObjective(student, self.terms, self.store_keys, maps, cfg.feature_loss,
                                                cfg.energy_coef, cfg.force_coef, standardizers).to(self.device)
         self.student = student

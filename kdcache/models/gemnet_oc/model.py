@@ -456,8 +456,9 @@ class GemNetOC(PotentialModel):
             a2a_graph[TARGET_NEIGHBOR_IDX] = inner_index(a2a_graph[K.EDGE_INDEX][1], n_atoms)
             a2a_graph[PAD_WIDTH] = inner_size(a2a_graph[TARGET_NEIGHBOR_IDX])
 
-        def index_only(graph: dict) -> dict:  # geometry comes from the positions, in the body
-            return {k: v for k, v in graph.items() if k not in (G.DISTANCE, K.EDGE_VECTOR)}
+        def index_only(graph: dict) -> dict:
+            # geometry comes from the positions, in the body; per-structure counts are not used
+            return {k: v for k, v in graph.items() if k not in (G.DISTANCE, K.EDGE_VECTOR, G.NEIGHBORS)}
 
         out = dict(
             # the radius graph all others are taken from: the only one whose geometry is computed
