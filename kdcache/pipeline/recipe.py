@@ -64,6 +64,7 @@ from kdcache.errors import ConfigError
 from kdcache.settings import (ANY_MAPPING, Schema, choice, integer, number, one_or_list, refuse, section_dict,
                               text_list, validated)
 from kdcache.store.format import FEATURE_CHOICES, FEATURE_DTYPES
+from kdcache.teachers.adapter import is_adapter_spec
 from kdcache.teachers.calculator import CalculatorSpec, is_calculator_spec
 from kdcache.train.config import TrainConfig
 from kdcache.train.strategies import FEATURE_LOSSES, STRATEGIES
@@ -221,6 +222,9 @@ class ModelSpec(Schema):
         if is_calculator_spec(preset):
             raise refuse("", f"{preset!r}: a recipe names no module to import; a calculator teacher is "
                              f"`teacher: {{calculator: NAME}}` with NAME one of {list(CALCULATORS)}")
+        if is_adapter_spec(preset):
+            raise refuse("", f"{preset!r}: a recipe names no module to import; extract an adapter teacher with "
+                             "`kdcache extract --teacher py:...` and train students on that store by hand")
         return preset
 
     @model_validator(mode="after")
@@ -356,8 +360,6 @@ class StrategyEntry(Schema):
         for strategy, key in self._named():
             if strategy not in STRATEGIES and not (strategy == "none" and key == "strategy"):
                 raise refuse(key, f"unknown strategy {strategy!r}; known: {['none', *STRATEGIES]}")
-        if self.data == "sampled" and self.train.get("labels", "reference") == "reference":
-            raise refuse("data", "the sampled candidates have no reference labels; give `train: {labels: teacher}`")
         return self
 
     def _named(self) -> list[tuple[str, str]]:
@@ -430,8 +432,26 @@ class RecipeFile(Schema):
     @model_validator(mode="after")
     def _sampled_data(self) -> "RecipeFile":
         for i, s in enumerate(self.strategies):
-            if s.data == "sampled" and self.data.sample is None:
+            if s.data != "sampled":
+                continue
+            if self.data.sample is None:
                 raise refuse(f"strategies[{i}].data", "there are no sampled data: add `data: {sample: {...}}`")
+            if {**self.students.train, **s.train}.get("labels", "reference") == "reference":
+                raise refuse(f"strategies[{i}].data", "the sampled candidates have no reference labels; give "
+                                                      "`train: {labels: teacher}`")
+        return self
+
+    @model_validator(mode="after")
+    def _targets_of_their_own(self) -> "RecipeFile":
+        """A strategy whose target is stored by an extraction option of its own (``hessian``:
+        ``--hessian-probes K``) needs that option in ``store.options``; K is the user's choice."""
+        for i, s in enumerate(self.strategies):
+            for strategy, _ in s._named():
+                option = getattr(STRATEGIES.get(strategy), "extract_option", None)
+                key = option.split()[0].lstrip("-").replace("-", "_") if option else None
+                if key and not self.store.options.get(key):
+                    raise refuse(f"strategies[{i}]", f"{strategy} reads targets stored by `kdcache extract "
+                                                     f"{option}`: give `store: {{options: {{{key}: K}}}}`")
         return self
 
     @model_validator(mode="after")

@@ -175,3 +175,11 @@ def test_a_model_teacher_labels_the_candidates(tmp_path):
                                                               str(out / "store-sampled" / "teacher.zarr"))
     rows = {r["run"]: r for r in read_csv(out / "report" / "report.csv")}
     assert set(rows) == {"teacher", "baseline", "sampled-v1"} and rows["teacher"]["model"] == "painn-tiny"
+
+
+def test_teacher_labels_may_come_from_the_students_settings():
+    recipe = parse_recipe(_with(students={"preset": "painn-tiny", "train": {"labels": "teacher"}},
+                                strategies=[{"name": "sampled", "strategy": "none", "data": "sampled"}]), "r.yaml")
+    # every run then reads a store: the baseline the training split's, the sampled run the candidates'
+    assert recipe.store_sources() == ["train", "sampled"]
+    assert [recipe.labels(s) for s in (None, *recipe.strategies)] == ["teacher", "teacher"]
