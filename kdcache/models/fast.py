@@ -11,7 +11,9 @@ whose forward runs:
    compiled by ``torch.compile`` (inductor, ``fullgraph``: no graph breaks, no host syncs) with
    dynamic shapes. Gradient forces ``-dE/dpos`` are taken *inside* the compiled region with
    ``torch.func.vjp``, so training differentiates the forces again (a force loss) through one
-   compiled forward and backward (AOTAutograd cannot differentiate a compiled backward twice).
+   compiled forward and backward (AOTAutograd cannot differentiate a compiled backward twice:
+   for the same reason a loss on Hessian-vector products of gradient forces, ``kdcache.hessian``
+   with ``create_graph``, needs the eager model);
    Inside, radial bases flush near-subnormal values to zero
    (:func:`kdcache.models.radial.subnormals_flushed`: on x86 they made the basis projection's
    matmuls up to ~70x slower); the eager path does not;

@@ -384,16 +384,17 @@ class GemNetOC(PotentialModel):
         return self._geometry(pos, self.make_graph(ModelInputs(data, pos, z, structures)))
 
     def make_graph(self, inputs: ModelInputs) -> dict:
-        """The four graphs (edge index, cell offset, per-edge shift), the triplet and quadruplet
-        indices and the padded widths of one batch; no positions-dependent values (distances and
-        vectors are :meth:`_geometry`'s, from the positions, inside the body).
+        """The four graphs (edge index, cell offset, and which edge of the parent radius graph each
+        edge is), the parent's per-edge shifts, the triplet and quadruplet indices and the padded
+        widths of one batch; no positions-dependent values (distances and vectors are
+        :meth:`_geometry`'s, from the positions, inside the body).
 
         Args:
             inputs: the prepared batch (``tags`` are read from ``inputs.data`` for quadruplets).
         """
-        cell, pbc, natoms, batch_vec = inputs.structures
+        cell, _, natoms, batch_vec = inputs.structures
         pos = inputs.pos.detach()  # graph selection only: distances decide which edges exist
-        n_struct, n_atoms = natoms.shape[0], pos.shape[0]
+        n_struct = natoms.shape[0]
 
         def radius_graph(c: float, max_nb: int) -> dict:
             edge_index, offset, neighbors = inputs.radius_graph(c, max_nb, self.enforce_max_neighbors_strictly)
