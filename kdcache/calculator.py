@@ -11,7 +11,6 @@ from torch_geometric.data import Batch, Data
 from kdcache import keys as K
 from kdcache.errors import DataError
 from kdcache.graph import NeighborList
-from kdcache.models.base import NEIGHBOR_LIST
 
 
 def _checked(atoms) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +106,7 @@ class KDCacheCalculator(Calculator):
     @property
     def neighbor_list(self):
         """The current :class:`kdcache.graph.NeighborList` (None before the first call or with ``skin=0``)."""
-        return self._batch[NEIGHBOR_LIST] if self._batch is not None and NEIGHBOR_LIST in self._batch else None
+        return self._batch[K.NEIGHBOR_LIST] if self._batch is not None and K.NEIGHBOR_LIST in self._batch else None
 
     def _prepared_batch(self, system_changes) -> Batch:
         """The cached batch with the current positions, or a new one when more than they changed."""
@@ -117,7 +116,7 @@ class KDCacheCalculator(Calculator):
         if fresh:
             batch = atoms_to_batch(self.atoms, dtype=self.dtype, device=self.device)
             if self.skin > 0:
-                batch[NEIGHBOR_LIST] = NeighborList(self.skin)
+                batch[K.NEIGHBOR_LIST] = NeighborList(self.skin)
             self._batch, self._tags = batch, tags
         else:
             pos, _ = _checked(self.atoms)

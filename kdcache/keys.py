@@ -52,3 +52,7 @@ FEATURE_KEYS = (NODE, VECTOR, EDGE, E2N, E2V)
 #: Keys a model returns along with a requested feature: EDGE comes with its graph, one row per
 #: edge in the same order (EDGE_VECTOR and CELL_OFFSET are [E, 3], EDGE_INDEX is [2, E]).
 FEATURE_COMPANIONS = {EDGE: (EDGE_INDEX, EDGE_VECTOR, CELL_OFFSET)}
+
+#: batch key of an optional :class:`kdcache.graph.NeighborList` (not a tensor): the model's radius
+#: graphs come from it, and its graph is reused while they are unchanged (the ASE calculator sets it)
+NEIGHBOR_LIST = "neighbor_list"

@@ -47,6 +47,8 @@ def test_v2v_reads_the_target_of_the_teachers_kind():
 
 def test_a_recipe_takes_exactly_the_strategies_of_the_table():
     raw = {**copy.deepcopy(RECIPE), "strategies": list(STRATEGIES)}
+    # a strategy whose target has an extraction option of its own (hessian) names its value
+    raw["store"] = {**raw.get("store", {}), "options": {"hessian_probes": 2}}
     assert [s.name for s in parse_recipe(raw, "r.yaml").strategies] == list(STRATEGIES)
     with pytest.raises(ConfigError, match=r"key 'strategies\[0\].name': unknown strategy 'x2y'"):
         parse_recipe({**copy.deepcopy(RECIPE), "strategies": ["x2y"]}, "r.yaml")

@@ -31,9 +31,7 @@ from kdcache.errors import DataError
 
 #: rows of the per-element reference table (row Z is element Z; row 0 unused)
 NUM_ELEMENTS = 119
-#: batch key of an optional :class:`kdcache.graph.NeighborList`: the model's radius graphs come
-#: from it and its graph is reused while they are unchanged (the ASE calculator sets it)
-NEIGHBOR_LIST = "neighbor_list"
+NEIGHBOR_LIST = K.NEIGHBOR_LIST
 
 
 class Normalizer(nn.Module):
@@ -233,6 +231,12 @@ class PotentialModel(nn.Module):
         super().__init__()
         self.config: dict = {}
         self.normalizer = Normalizer()
+
+    @classmethod
+    def splits_body(cls) -> bool:
+        """Whether the architecture implements :meth:`make_graph` and :meth:`body` (what the
+        compiled path of :mod:`kdcache.models.fast` runs), not :meth:`compute` alone."""
+        return cls.body is not PotentialModel.body and cls.make_graph is not PotentialModel.make_graph
 
     # --- the body: what each architecture implements -----------------------------------------
     def make_graph(self, inputs: ModelInputs) -> dict:  # pragma: no cover

@@ -53,13 +53,15 @@ import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from kdcache import keys as K
-from kdcache.models.base import PotentialModel
 from kdcache.models.radial import subnormals_flushed
+
+if TYPE_CHECKING:  # the base class imports the calculator, which imports this module: no import at run time
+    from kdcache.models.base import PotentialModel
 
 PRECISIONS = ("float32", "tf32", "bf16")
 
@@ -207,9 +209,9 @@ def fast_model(model: PotentialModel, precision: str = "float32") -> PotentialMo
     Raises:
         TypeError: the model's body is not split into ``make_graph`` and ``body``.
     """
-    if not isinstance(model, PotentialModel):
+    if not callable(getattr(model, "splits_body", None)):
         raise TypeError(f"fast_model needs a PotentialModel, not {type(model).__name__}")
-    if type(model).body is PotentialModel.body or type(model).make_graph is PotentialModel.make_graph:
+    if not model.splits_body():
         raise TypeError(f"{type(model).__name__} implements compute() only: it has no compiled path")
     if model.fast_path is not None and model.fast_path.precision == precision:
         return model

@@ -6,6 +6,7 @@ file in its constructor needs nothing from the checkpoint loader (which builds m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -80,3 +81,13 @@ def _load_problem(exc: Exception) -> str:
 
 
 __all__ = ["file_sha256", "read_checkpoint"]
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the state dict (names, dtypes, shapes and bytes), independent of device."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

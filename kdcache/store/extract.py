@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import glob
-import hashlib
 import os
 import shutil
 import sys
@@ -46,6 +45,7 @@ from kdcache.store import format as F
 from kdcache.store.lock import WriteLock
 from kdcache.store.request import TEACHER_DTYPES, ExtractRequest, StoreRecord
 from kdcache.store.request import check_settings  # noqa: F401  (kdcache.pipeline.backends imports it from here)
+from kdcache.models.torchfile import weights_sha256
 from kdcache.store.writer import PROGRESS_DIR, StoreWriter, remove_store
 
 if TYPE_CHECKING:
@@ -114,16 +114,6 @@ class Teacher:
             d["seed"] = self.seed
             d["warning"] = RANDOM_TEACHER_WARNING
         return d
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over the state dict (names, dtypes, shapes and bytes), independent of device."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _registry_name(teacher: str) -> str | None:

@@ -223,7 +223,7 @@ class AdapterTeacher:
     warnings: tuple = ()
 
     def __init__(self, spec: AdapterSpec, device: torch.device):
-        from kdcache.store.extract import weights_sha256
+        from kdcache.models.torchfile import weights_sha256
         from kdcache.teachers.calculator import package_info
 
         self.spec, self.name = spec, spec.name
