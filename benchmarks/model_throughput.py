@@ -24,7 +24,7 @@ and FixAtoms on the subsurface, as OC20 S2EF samples (46-84 atoms, mean ~66; OC2
 Weights are random (speed does not depend on them); for MD the normaliser is scaled so that the
 RMS force on the free atoms of the start structure is 0.5 eV/Å, a realistic size.
 
-    python benchmarks/model_throughput.py --quick                  # tiny presets: ~30 s warm, ~4 min cold
+    python benchmarks/model_throughput.py --quick                  # tiny presets: ~20 s warm, a few minutes cold
     python benchmarks/model_throughput.py --threads 1 2            # OC20 presets (long: compiles)
     python benchmarks/model_throughput.py --presets painn-tiny schnet-tiny --sections inference
     python benchmarks/model_throughput.py --device cuda --json
