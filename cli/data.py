@@ -109,17 +109,21 @@ def demo(
     num_test: int = typer.Option(200, "--num-test", help="Test structures."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for EMT labelling (default: up to 2)."),
+    num_pool: int = typer.Option(0, "--num-pool", help=(
+        "Also write pool.lmdb: this many structures of other systems WITHOUT labels (seeds for `kdcache data "
+        "sample`, structures for a teacher to label).")),
 ):
     """Generate the embedded demo data: OC20-style slabs with adsorbates labelled by ASE's EMT.
 
-    Metals Al, Ni, Cu, Pd, Ag, Pt, Au on fcc(111)/(100)/(110) with small adsorbates (O, H, N, C, OH, CO, NO, CHx, NHx, H2O, N2), tags 0/1/2, subsurface atoms fixed, periodic cells with vacuum, displaced geometries; 20-80 atoms each. Deterministic for a seed.
+    Metals Al, Ni, Cu, Pd, Ag, Pt, Au on fcc(111)/(100)/(110) with small adsorbates (O, H, N, C, OH, CO, NO, CHx, NHx, H2O, N2), tags 0/1/2, subsurface atoms fixed, periodic cells with vacuum, displaced geometries; 20-80 atoms each. Every split holds other systems. Deterministic for a seed.
     """
     from kdcache.data.demo import write_demo
     from kdcache.errors import ConfigError
 
-    if min(num_train, num_val, num_test) < 0:
-        raise ConfigError("--num-train/--num-val/--num-test must not be negative")
-    paths = write_demo(out, num_train, num_val, num_test, seed=seed, progress=True, workers=workers)
+    if min(num_train, num_val, num_test, num_pool) < 0:
+        raise ConfigError("--num-train/--num-val/--num-test/--num-pool must not be negative")
+    paths = write_demo(out, num_train, num_val, num_test, seed=seed, progress=True, workers=workers,
+                       num_pool=num_pool)
     for split, p in paths.items():
         typer.echo(f"{split:5s} {p}")
 

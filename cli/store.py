@@ -69,6 +69,7 @@ def extract(
     teacher_dtype: str = _option("teacher_dtype"),
     workers: int = _option("workers"),
     hessian_probes: int = _option("hessian_probes"),
+    fast: bool = _option("fast", "--fast/--no-fast"),
     feature_modules: Optional[list[str]] = _option("feature_modules", metavar="KEY=PATH"),
 ):
     """Stage one: run a teacher once over a dataset into a Zarr feature store.
@@ -90,7 +91,8 @@ def extract(
         data=data, out=out, teacher=teacher, checkpoint=checkpoint, features=features, dtype=dtype,
         label_dtype=label_dtype, codec=codec, batch_size=batch_size, device=device, limit=limit,
         shard_atoms=shard_atoms, chunk_atoms=chunk_atoms, overwrite=overwrite, seed=seed, progress=progress,
-        teacher_dtype=teacher_dtype, workers=workers, hessian_probes=hessian_probes, feature_modules=feature_modules))
+        teacher_dtype=teacher_dtype, workers=workers, hessian_probes=hessian_probes, feature_modules=feature_modules,
+        fast=fast))
     if res.rank == 0:
         typer.echo(
             f"{res.path}: {res.num_samples} samples; {res.groups_written} group(s) written by rank 0 in "

@@ -7,6 +7,10 @@ the free atoms, like snapshots of a relaxation, so forces are non-trivial. As in
 0 = subsurface (fixed, FixAtoms), 1 = surface, 2 = adsorbate; periodic cells with vacuum along z;
 positions wrapped into the cell; energies and forces (eV, eV/Å) without constraints applied.
 
+A fourth, optional split, ``pool``, holds structures of yet other systems *without labels*: the
+unlabelled structures that a teacher labels (``kdcache data sample``, ``kdcache extract``). Its
+frames are made (and filtered) exactly as a labelled split's; only the labels are left out.
+
 Everything is drawn from ``numpy.random.default_rng([seed, split, system])``, so a seed gives
 bit-identical files.
 """
@@ -42,7 +46,9 @@ ADSORBATES: dict[str, list[tuple[str, tuple[float, float, float]]]] = {
     "NH2": [("N", (0, 0, 0)), ("H", (0.82, 0, 0.6)), ("H", (-0.82, 0, 0.6))],
     "H2O": [("O", (0, 0, 0)), ("H", (0.76, 0, 0.59)), ("H", (-0.76, 0, 0.59))],
 }
-SPLITS = {"train": 0, "val": 1, "test": 2}
+SPLITS = {"train": 0, "val": 1, "test": 2, "pool": 3}
+#: splits written without labels
+UNLABELLED_SPLITS = ("pool",)
 MIN_ATOMS, MAX_ATOMS = 20, 80
 MAX_FORCE = 25.0  # eV/Å; frames above are dropped
 
@@ -135,9 +141,11 @@ def demo_systems(num_frames: int, seed: int = 0, split: str = "train", workers: 
     Args:
         num_frames: how many frames to yield.
         seed: random seed; the same seed gives the same frames (whatever ``workers``).
-        split: ``"train"``, ``"val"`` or ``"test"`` (different systems, disjoint ``sid``).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"pool"`` (different systems, disjoint
+            ``sid``; ``pool`` records have no energy and forces).
         workers: processes computing EMT labels (systems are independent; order is kept).
     """
+    labelled = split not in UNLABELLED_SPLITS
     code = SPLITS[split]
     made, system = 0, 0
     pool = None
@@ -155,6 +163,8 @@ def demo_systems(num_frames: int, seed: int = 0, split: str = "train", workers: 
                 for atoms, energy, forces, sid, fid in frames:
                     if made >= num_frames:
                         break
+                    if not labelled:  # computed all the same: the same frames pass the force filter
+                        energy = forces = None
                     yield atoms_to_record(atoms, energy=energy, forces=forces, sid=sid, fid=fid)
                     made += 1
             system = block.stop
@@ -164,12 +174,14 @@ def demo_systems(num_frames: int, seed: int = 0, split: str = "train", workers: 
 
 
 def write_demo(out_dir, num_train: int = 2000, num_val: int = 200, num_test: int = 200,
-               seed: int = 0, progress: bool = False, workers: int | None = None) -> dict[str, Path]:
-    """Write ``train.lmdb``, ``val.lmdb`` and ``test.lmdb`` of demo data to ``out_dir``.
+               seed: int = 0, progress: bool = False, workers: int | None = None,
+               num_pool: int = 0) -> dict[str, Path]:
+    """Write ``train.lmdb``, ``val.lmdb`` and ``test.lmdb`` (and ``pool.lmdb``) of demo data to ``out_dir``.
 
     Args:
         out_dir: folder (created).
         num_train, num_val, num_test: frames per split.
+        num_pool: unlabelled frames of other systems (``pool.lmdb``, written when > 0).
         seed: random seed.
         progress: show a progress bar.
         workers: processes for EMT labelling (default: up to 2, by CPU count); does not
@@ -186,6 +198,8 @@ def write_demo(out_dir, num_train: int = 2000, num_val: int = 200, num_test: int
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     counts = {"train": num_train, "val": num_val, "test": num_test}
+    if num_pool:
+        counts["pool"] = num_pool
     bar = None
     if progress:
         from tqdm import tqdm

@@ -24,11 +24,13 @@ def resolve_device(device: str | None) -> str:
 
 
 # --- data ----------------------------------------------------------------------------------------
-def make_demo_data(out: Path, num_train: int, num_val: int, num_test: int, seed: int) -> dict:
-    """Write the embedded demo splits into ``out`` and return ``{split: file name}``."""
+def make_demo_data(out: Path, num_train: int, num_val: int, num_test: int, seed: int, num_pool: int = 0) -> dict:
+    """Write the embedded demo splits (and the unlabelled ``pool`` when ``num_pool``) into ``out``
+    and return ``{split: file name}``."""
     from kdcache.data.demo import write_demo
 
-    paths = write_demo(out, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, progress=True)
+    paths = write_demo(out, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, progress=True,
+                       num_pool=num_pool)
     return {split: str(Path(p).resolve().relative_to(out.resolve())) for split, p in paths.items()}
 
 
@@ -36,7 +38,7 @@ def sample_candidates(seed_data: str | Path, out: Path, settings: dict) -> dict:
     """Write ``kdcache data sample``'s candidates of ``seed_data`` into the LMDB ``out``.
 
     Args:
-        seed_data: the seed structures (the training split).
+        seed_data: the seed structures (the training split or the unlabelled pool).
         out: the ``.lmdb`` file (it appears only when complete).
         settings: :class:`kdcache.data.candidates.CandidateSettings` fields.
 

@@ -17,10 +17,11 @@ path). Its ``train:`` sections are stage two's own settings schema
       val: /data/oc20/val_id
       test: /data/oc20/val_id_30k
     # ... or the embedded demo data:  data: {demo: {num_train: 300, num_val: 40, num_test: 40, seed: 0}}
-    #   sample: {per_seed: 10, rattle: 0.05, strain: 0.0, min_distance: 0.5, seed: 0}
+    #   sample: {seeds: train, per_seed: 10, rattle: 0.05, strain: 0.0, min_distance: 0.5, seed: 0}
     #                             # optional: `kdcache data sample` candidates of the training
-    #                             # split (no labels), labelled once by the teacher (runs with
-    #                             # `data: sampled` train on them)
+    #                             # split, or of `pool` (unlabelled structures: `data.pool: PATH`,
+    #                             # or the demo's `num_pool: N`), with no labels, labelled once by
+    #                             # the teacher (runs with `data: sampled` train on them)
     teacher:
       preset: gemnet-oc             # a kdcache.models.presets name
       overrides: {}                 # constructor arguments changing the preset (not with a checkpoint)
@@ -147,17 +148,29 @@ class DemoData(Schema):
     num_train: integer(gt=0) = 200
     num_val: integer(gt=0) = 40
     num_test: integer(gt=0) = 40
+    #: unlabelled structures of other systems (``pool``: seeds for ``data.sample``); 0: none
+    num_pool: integer(ge=0) = 0
     seed: integer() = 0
 
 
 _CANDIDATE = CandidateSettings()
 
 
-class SampleData(Schema):
-    """``data: {sample: ...}``: candidate structures drawn from the training split by
-    :func:`kdcache.data.candidates.write_candidates` (``kdcache data sample``; each key is its
-    option of the same name, with its default and its rules)."""
+#: where ``data.sample`` takes its seed structures: the training split, or the unlabelled pool
+SAMPLE_SEEDS = ("train", "pool")
 
+
+class SampleData(Schema):
+    """``data: {sample: ...}``: candidate structures drawn from seed structures by
+    :func:`kdcache.data.candidates.write_candidates` (``kdcache data sample``; each key but
+    ``seeds`` is its option of the same name, with its default and its rules).
+
+    Args:
+        seeds: ``train`` (the training split's structures, their labels ignored) or ``pool``
+            (``data.pool``, or the demo's ``num_pool`` unlabelled structures of other systems).
+    """
+
+    seeds: choice(SAMPLE_SEEDS) = "train"
     per_seed: integer(gt=0) = _CANDIDATE.per_seed
     rattle: number(ge=0) = _CANDIDATE.rattle
     strain: number(ge=0) = _CANDIDATE.strain
@@ -168,7 +181,7 @@ class SampleData(Schema):
     @model_validator(mode="after")
     def _candidates_rules(self) -> "SampleData":
         try:
-            CandidateSettings(**self.model_dump()).check()
+            CandidateSettings(**self.model_dump(exclude={"seeds"})).check()
         except ConfigError as exc:  # it names command-line options: `--min-distance` is `min_distance` here
             raise refuse("", re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(exc))) from None
         return self
@@ -179,21 +192,36 @@ class DataSpec(Schema):
 
     Args:
         train, val, test: dataset paths (None when ``demo`` is set; the runner writes them).
-        demo: ``{num_train, num_val, num_test, seed}`` for the embedded demo data, or None.
-        sample: candidates drawn from the training split (:class:`SampleData` settings), or None.
+        demo: ``{num_train, num_val, num_test, num_pool, seed}`` for the embedded demo data, or None.
+        pool: structures without labels (any format kdcache reads), seeds for ``sample: {seeds:
+            pool}``; with ``demo``, its ``num_pool`` instead.
+        sample: candidates drawn from the training split or the pool (:class:`SampleData`
+            settings), or None.
     """
 
     train: EnvPath | None = None
     val: EnvPath | None = None
     test: EnvPath | None = None
+    pool: EnvPath | None = None
     demo: section_dict(DemoData) | None = None
     sample: section_dict(SampleData) | None = None
+
+    def has_pool(self) -> bool:
+        return self.pool is not None or (self.demo is not None and self.demo["num_pool"] > 0)
+
+    @model_validator(mode="after")
+    def _pool_for_sampling(self) -> "DataSpec":
+        if self.sample is not None and self.sample["seeds"] == "pool" and not self.has_pool():
+            raise refuse("sample.seeds", "`pool` needs unlabelled structures: give `data.pool: PATH` "
+                                         "(or `demo: {num_pool: N}`)")
+        return self
 
     @model_validator(mode="after")
     def _paths_or_demo(self) -> "DataSpec":
         if self.demo is not None:
-            if any((self.train, self.val, self.test)):
-                raise refuse("demo", "give either `demo` or train/val/test paths, not both")
+            if any((self.train, self.val, self.test, self.pool)):
+                key = next(k for k in ("train", "val", "test", "pool") if getattr(self, k))
+                raise refuse(key, "give either `demo` or data paths, not both")
             return self
         for k in ("train", "val", "test"):
             if getattr(self, k) is None:

@@ -3,8 +3,10 @@
 Layout of a run folder (default ``runs/<recipe name>``)::
 
     recipe.yaml              the recipe as run (for the record)
-    data/                    demo data (only for ``data: {demo: ...}``)
-    sampled/candidates.lmdb  candidates of the training split (only for ``data: {sample: ...}``)
+    data/                    demo data (only for ``data: {demo: ...}``; ``pool.lmdb``, unlabelled,
+                             with ``num_pool``)
+    sampled/candidates.lmdb  candidates of the training split or of the unlabelled pool (only for
+                             ``data: {sample: ...}``)
     teacher/                 teacher training run (only when the recipe trains it)
     store/teacher.zarr       the teacher's feature store, extracted once (its identity is in the
                              students' stage hashes; a replaced store is extracted again)
@@ -53,6 +55,8 @@ REPRODUCES_LABELS = 0.1
 CANDIDATES = "candidates.lmdb"
 #: each data source's store folder in the run folder
 STORE_FOLDERS = {"train": "store", "sampled": "store-sampled"}
+#: what ``data.sample.seeds`` names, in words
+SAMPLE_SOURCES = {"train": "training structures", "pool": "unlabelled pool structures"}
 
 
 def _short_id(identity: str | None) -> str:
@@ -167,34 +171,41 @@ class Pipeline:
         if d.demo is not None:
             folder = self.out / "data"
             demo = dict(d.demo)
-            res = self._stage("data (demo)", folder, {"demo": demo},
+            # (a recipe without a pool keeps the stage inputs, so earlier demo data stay valid)
+            inputs = {"demo": demo if demo["num_pool"] else {k: v for k, v in demo.items() if k != "num_pool"}}
+            res = self._stage("data (demo)", folder, inputs,
                               lambda f: B.make_demo_data(f, demo["num_train"], demo["num_val"], demo["num_test"],
-                                                         demo["seed"]), resumable=False)
-            paths = {k: str(folder / res.outputs[k]) for k in ("train", "val", "test")}
+                                                         demo["seed"], demo["num_pool"]), resumable=False)
+            paths = {k: str(folder / res.outputs[k]) for k in res.outputs}
             ids = {k: {"demo": res.input_hash, "split": k} for k in paths}
         else:
-            paths = {"train": d.train, "val": d.val, "test": d.test}
+            paths = {"train": d.train, "val": d.val, "test": d.test, **({"pool": d.pool} if d.pool else {})}
             for k, p in paths.items():
                 if not Path(p).exists():
                     raise ConfigError(f"recipe {self.recipe.path}: key 'data.{k}': {p} does not exist")
             ids = {k: path_fingerprint(p) for k, p in paths.items()}
         if d.sample is not None:
-            paths["sampled"], ids["sampled"] = self.sample(paths["train"], ids["train"], dict(d.sample))
+            source = d.sample["seeds"]
+            paths["sampled"], ids["sampled"] = self.sample(paths[source], ids[source], d.sample, source)
         return paths, ids
 
-    def sample(self, seed_path: str, seed_id, settings: dict) -> tuple[str, dict]:
-        """Candidates of the training split (``kdcache data sample``), written once; their
-        path and identity."""
+    def sample(self, seed_path: str, seed_id, sample: dict, source: str = "train") -> tuple[str, dict]:
+        """Candidates of the training split or the pool (``kdcache data sample``), written once;
+        their path and identity."""
+        settings = {k: v for k, v in sample.items() if k != "seeds"}
+        what = SAMPLE_SOURCES[source]
 
         def fn(folder: Path) -> dict:
             counts = B.sample_candidates(seed_path, folder / CANDIDATES, settings)
-            self.log(f"  {counts['candidates']} candidates from {counts['seed_structures']} training structures "
+            self.log(f"  {counts['candidates']} candidates from {counts['seed_structures']} {what} "
                      f"({counts['rejected_draws']} draws rejected by the minimum distance)")
             return {"candidates": CANDIDATES, "counts": counts}
 
-        # the file appears only when complete: an interrupted sampling starts over
-        res = self._stage("data (sample candidates of the training split)", self.out / "sampled",
-                          {"seed_data": seed_id, "settings": settings}, fn, resumable=False)
+        # the file appears only when complete: an interrupted sampling starts over; sampling the
+        # training split keeps the stage inputs it had before pools existed
+        inputs = {"seed_data": seed_id, "settings": settings, **({"seeds": source} if source != "train" else {})}
+        res = self._stage(f"data (sample candidates of the {what})", self.out / "sampled",
+                          inputs, fn, resumable=False)
         return str(res.folder / CANDIDATES), {"sampled": res.input_hash}
 
     def teacher(self, paths: dict, ids: dict) -> tuple[Path, dict, str | None]:
@@ -594,8 +605,8 @@ class Pipeline:
         if r.data.sample is not None:
             counts = read_stage(self.out / "sampled")["outputs"]["counts"]
             sm = r.data.sample
-            intro += (f" Sampled data: {counts['candidates']} candidates of the {counts['seed_structures']} training "
-                      f"structures (`kdcache data sample`: {sm['per_seed']} per structure, rattle {sm['rattle']:g} Å, "
+            intro += (f" Sampled data: {counts['candidates']} candidates of the {counts['seed_structures']} "
+                      f"{SAMPLE_SOURCES[sm['seeds']]} (`kdcache data sample`: {sm['per_seed']} per structure, rattle {sm['rattle']:g} Å, "
                       f"strain {sm['strain']:g}, minimum distance {sm['min_distance']:g} Å, seed {sm['seed']}), "
                       "without labels; the teacher labelled them once (`store-sampled/`). Runs marked "
                       "*sampled data* train on them in place of the training split.")

@@ -244,7 +244,7 @@ class ModelRunner:
     Args:
         teacher: the model teacher.
         request: the extraction's settings (``features``, ``teacher_dtype``, ``batch_size``,
-            ``hessian_probes``).
+            ``hessian_probes``, ``fast``).
         dataset: where the samples come from.
         dev: where the model runs.
 
@@ -269,6 +269,14 @@ class ModelRunner:
                 raise ConfigError(f"--hessian-probes: teacher {self.model.name!r} predicts no forces to differentiate")
             self.keys = [*self.keys, K.HVP]
             self.value_settings = (*type(self).value_settings, "hessian_probes")
+        if request.fast:
+            from kdcache.models.fast import fast_model  # torch.compile only for those who ask for it
+
+            try:
+                self.model = fast_model(self.model)
+            except TypeError as exc:
+                raise ConfigError(f"--fast: {exc} (the compiled path is for kdcache's built-in models)") from None
+            self.value_settings = (*self.value_settings, "fast")
 
     def __enter__(self) -> "ModelRunner":
         return self
@@ -412,6 +420,7 @@ def extract(
     teacher_dtype: str = _DEFAULT["teacher_dtype"],
     workers: int = _DEFAULT["workers"],
     hessian_probes: int = _DEFAULT["hessian_probes"],
+    fast: bool = _DEFAULT["fast"],
     feature_modules: Mapping[str, str] | Sequence[str] | None = None,
 ) -> ExtractResult:
     """Run ``teacher`` over ``data`` into the store ``out`` (create, resume, or refuse).
@@ -429,7 +438,7 @@ def extract(
             :func:`resolve_teacher`); optional when ``checkpoint`` names its model.
         checkpoint: teacher checkpoint (its configuration wins over the preset's).
         features, dtype, label_dtype, codec, batch_size, device, limit, shard_atoms,
-            chunk_atoms, overwrite, seed, progress, teacher_dtype, workers, hessian_probes,
+            chunk_atoms, overwrite, seed, progress, teacher_dtype, workers, hessian_probes, fast,
             feature_modules: see :class:`~kdcache.store.request.ExtractRequest`.
 
     Raises:
@@ -439,7 +448,8 @@ def extract(
         data=data, out=out, teacher=teacher, checkpoint=checkpoint, features=features, dtype=dtype,
         label_dtype=label_dtype, codec=codec, batch_size=batch_size, device=device, limit=limit,
         shard_atoms=shard_atoms, chunk_atoms=chunk_atoms, overwrite=overwrite, seed=seed, progress=progress,
-        teacher_dtype=teacher_dtype, workers=workers, hessian_probes=hessian_probes, feature_modules=feature_modules)
+        teacher_dtype=teacher_dtype, workers=workers, hessian_probes=hessian_probes, fast=fast,
+        feature_modules=feature_modules)
     return run_extract(request)
 
 

@@ -102,6 +102,10 @@ class ExtractRequest(Schema):
         "Also store K Hessian-vector products per structure (hvp [N, 3, K], in --dtype: -dF/dpos times K random "
         "probes regenerated from the sample index, for the hessian strategy; a model teacher only). Costs a double "
         "backward per probe."))
+    fast: bool = Field(False, description=(
+        "Run a built-in model teacher on its compiled path (kdcache.models.fast: torch.compile; the same values to "
+        "float32 round-off, GemNet-OC inference ~1.3-1.4x on 1-2 CPU threads; the first batch compiles, warm from "
+        "the on-disk cache). Decides the values, so a resume keeps it. Not with --hessian-probes or --feature."))
     feature_modules: Annotated[Optional[dict[str, str]], BeforeValidator(_feature_modules)] = Field(
         None, description=(
             "KEY=MODULE.PATH, repeatable: store the output of the teacher's submodule at that path (a forward "
@@ -172,8 +176,8 @@ class ExtractRequest(Schema):
             keys: per-atom keys stored (from ``features``).
             has_energy: energies and forces stored (``outputs``).
             value_settings: the further settings of this request that decide the runner's
-                values (a model teacher's ``batch_size`` and ``teacher_dtype``, and
-                ``hessian_probes`` when it stores products; none for a calculator).
+                values (a model teacher's ``batch_size`` and ``teacher_dtype``, ``hessian_probes``
+                when it stores products and ``fast`` when it runs compiled; none for a calculator).
         """
         own = {k: getattr(self, k) for k in ("codec", "shard_atoms", "chunk_atoms", *value_settings)}
         return StoreRecord(teacher=dict(teacher), dataset=dict(dataset), num_samples=num_samples, features=list(keys),
@@ -199,6 +203,7 @@ class StoreRecord(Schema):
     batch_size: Optional[_POSITIVE] = Field(None, description="A model teacher's batches (they decide the sums).")
     teacher_dtype: Optional[choice(TEACHER_DTYPES)] = Field(None, description="A model teacher's precision.")
     hessian_probes: Optional[_POSITIVE] = Field(None, description="Hessian-vector products stored per structure.")
+    fast: Optional[bool] = Field(None, description="The teacher ran on its compiled path (recorded only then).")
 
     def as_attrs(self) -> dict:
         """The record as stored (settings a runner does not use left out)."""
@@ -284,6 +289,15 @@ def check_settings(settings: Mapping[str, Any], name: Callable[[str], str] = opt
         # the products are autograd through the teacher's forces; a calculator gives numbers only
         raise ConfigError(f"{name('hessian_probes')}: needs a model teacher (Hessian-vector products are taken by "
                           "autograd through its forces); an ASE calculator teacher gives none")
+    if settings.get("fast") is True:
+        # the compiled path differentiates its forces once (AOTAutograd: no double backward), and
+        # module hooks would have to be traced into it
+        if isinstance(probes, int) and probes > 0:
+            raise ConfigError(f"{name('fast')}: {name('hessian_probes')} differentiates the teacher's forces again, "
+                              f"which its compiled path cannot; extract without {name('fast')}")
+        if settings.get("feature_modules"):
+            raise ConfigError(f"{name('fast')}: {name('feature_modules')} hooks modules of the eager teacher; extract "
+                              f"without {name('fast')}")
     if "shard_atoms" in settings or "chunk_atoms" in settings:
         # a shard file holds whole inner chunks (format.Layout.plan)
         shard = settings.get("shard_atoms", fields["shard_atoms"].default)

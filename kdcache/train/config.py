@@ -137,6 +137,12 @@ class TrainConfig(Schema):
         "Augmentations (``rotate``: random rotations; the stored targets rotate along)."))
     window: _POSITIVE | None = Field(None, description="Locality window of the store's batch sampler (samples; "
                                      "default: the sampler's).")
+    fast: bool = Field(False, description=(
+        "Train the student on its compiled path (kdcache.models.fast: torch.compile, same weights and checkpoints, "
+        "the same numbers to float32 round-off; training steps 3-8x faster on 1 CPU thread, 3-4x on 2, see "
+        "docs/benchmarks-models.md). The first steps compile (seconds from the on-disk cache, a minute or more "
+        "cold): worth it for runs of more than a few hundred steps. Decides the trajectory, so a resume keeps it. "
+        "Not with the hessian strategy."))
     progress: bool = Field(True, description="Show a progress bar.")
     deterministic: bool = Field(True, description=(
         "Use torch's deterministic kernels (needed for bit-exact resume: e.g. the CPU backward of indexing "
@@ -225,6 +231,10 @@ class TrainConfig(Schema):
         bad = [t.name for t in terms if not math.isfinite(t.weight)]
         if bad:
             raise ConfigError(f"{where('strategy')}: weight of {bad[0]} must be finite")
+        twice = [t.name for t in terms if t.spec.differentiates_forces]
+        if self.fast and twice:
+            raise ConfigError(f"{where('fast')}: strategy {twice[0]} differentiates the student's forces again, which "
+                              "its compiled path cannot (torch.compile has no double backward); train it without fast")
         _check_student(self.student, self.student_overrides, where)
 
     @property

@@ -59,6 +59,13 @@ class StrategySpec:
         statistics of it): the feature targets and the Hessian-vector products."""
         return self.kind in ("scalar", "vector", "hessian")
 
+    @property
+    def differentiates_forces(self) -> bool:
+        """Its loss differentiates the student's forces with respect to positions (a double
+        backward through gradient forces): the Hessian-vector products. The compiled student
+        (``fast``) cannot (:mod:`kdcache.models.fast`)."""
+        return self.kind == "hessian"
+
 
 #: The one strategy table: the recipe checker, the pipeline's store features, the trainer and
 #: ``kdcache extract --features``'s help all read it (with each teacher model class's

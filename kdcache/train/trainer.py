@@ -281,6 +281,13 @@ class Trainer:
         student.normalizer.energy_std.fill_(std)
         student.normalizer.forces_std.fill_(std)
         student.to(self.device)
+        if cfg.fast:
+            from kdcache.models.fast import fast_model  # torch.compile only for those who ask for it
+
+            try:
+                student = fast_model(student)  # a view: the same parameters, so checkpoints are unchanged
+            except TypeError as exc:
+                raise ConfigError(f"fast: {exc}") from None
         maps = {}
         if any(t.spec.student_feature for t in self.terms):
             probe = self.train_joined.__getitems__(list(range(min(2, len(self.train_joined)))))

@@ -105,3 +105,22 @@ def test_demo_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["test.lmdb", "train.lmdb", "val.lmdb"]
     assert len(open_dataset(out / "val.lmdb")) == 2
+
+
+def test_demo_pool_is_unlabelled_and_of_other_systems(tmp_path):
+    """`--num-pool M`: M structures of systems in no other split, with no energy and no forces
+    (the structures a teacher labels); the labelled splits are the same as without it."""
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["data", "demo", str(out), "--num-train", "5", "--num-val", "2",
+                                      "--num-test", "2", "--num-pool", "6", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    pool = open_dataset(out / "pool.lmdb")
+    assert len(pool) == 6
+    assert all(getattr(s, "energy", None) is None and getattr(s, "forces", None) is None for s in pool)
+    sids = {split: {int(s[K.SID]) for s in open_dataset(out / f"{split}.lmdb")} for split in ("train", "val", "test")}
+    assert not {int(s[K.SID]) for s in pool} & set().union(*sids.values())
+    plain = tmp_path / "plain"
+    assert CliRunner().invoke(app, ["data", "demo", str(plain), "--num-train", "5", "--num-val", "2",
+                                    "--num-test", "2", "--workers", "1"]).exit_code == 0
+    assert (plain / "train.lmdb").read_bytes() == (out / "train.lmdb").read_bytes()
+    assert not (plain / "pool.lmdb").exists()

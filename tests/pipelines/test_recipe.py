@@ -34,7 +34,7 @@ def _with(**changes):
 def test_defaults_and_resolution():
     r = parse_recipe(BASE, "pipelines/x.yaml")
     assert r.name == "x" and str(r.out) == "runs/x" and r.device == "auto"
-    assert r.data.demo == {"num_train": 8, "num_val": 40, "num_test": 40, "seed": 0}
+    assert r.data.demo == {"num_train": 8, "num_val": 40, "num_test": 40, "num_pool": 0, "seed": 0}
     assert [s.name for s in r.strategies] == ["n2n", "v2v", "mix"]
     assert r.strategies[1].terms == {"v2v": 2.0} and r.strategies[2].strategy_string == "n2n:1,vanilla2:0.5"
     # per-strategy settings override the students' settings, which override the recipe seed

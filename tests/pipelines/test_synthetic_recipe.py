@@ -48,9 +48,22 @@ def test_shipped_recipe_validates():
     (sampled,) = recipe.strategies
     assert (sampled.data, sampled.terms, recipe.labels(sampled), recipe.labels(None)) == \
         ("sampled", {}, "teacher", "reference")
-    assert recipe.data.sample["per_seed"] == 10  # about 10 x N teacher-labelled structures
+    # about 10 x N teacher-labelled structures, drawn from the unlabelled pool of other systems
+    demo, sample = recipe.data.demo, recipe.data.sample
+    assert sample["seeds"] == "pool" and demo["num_pool"] * sample["per_seed"] == 10 * demo["num_train"]
     result = CliRunner().invoke(app, ["pipeline", "validate", str(ROOT / "pipelines" / "synthetic.yaml")])
     assert result.exit_code == 0 and "calculator emt" in result.output, result.output
+
+
+def test_shipped_model_teacher_recipe_validates():
+    """pipelines/synthetic-model.yaml: the same data, a model teacher, every strategy on the candidates."""
+    recipe = load_recipe(ROOT / "pipelines" / "synthetic-model.yaml")
+    s = validate_recipe(recipe)
+    assert s["runs"] == ["baseline", "sampled-10x", "n2n", "v2v", "vanilla2", "hessian"] and len(s["seeds"]) >= 3
+    assert s["stores"] == ["sampled"] and recipe.store.options["hessian_probes"] > 0
+    assert all((x.data, recipe.labels(x)) == ("sampled", "teacher") for x in recipe.strategies)
+    assert recipe.labels(None) == "reference"  # the baseline: the N labels alone
+    assert recipe.data.demo == load_recipe(ROOT / "pipelines" / "synthetic.yaml").data.demo
 
 
 @pytest.fixture
@@ -93,6 +106,8 @@ def test_store_options_cannot_name_a_teacher(tripwire):
     ({"data": {"demo": {}, "sample": {"rattle": 0}}}, "data.sample", "rattle and strain are both 0"),
     ({"data": {"demo": {}, "sample": {"strain": 0.6}}}, "data.sample", "strain must be in [0, 0.5)"),
     ({"data": {"demo": {}, "sample": {"per_seed": 0}}}, "data.sample.per_seed", "must be > 0"),
+    ({"data": {"demo": {}, "sample": {"seeds": "pool"}}}, "data.sample.seeds", "`pool` needs unlabelled structures"),
+    ({"data": {"demo": {}, "sample": {"seeds": "val"}}}, "data.sample.seeds", "is not one of"),
     ({"strategies": [{"name": "s", "strategy": "none", "lambda": 1}]}, "strategies[0].lambda", "has no λ"),
     ({"store": {"features": ["node"]}}, "store.features", "calculator teacher (emt) has no ['node']"),
     ({"strategies": [{"name": "n2n"}]}, "store.features", "'n2n' (run 'n2n') reads ['node'], which a calculator teacher (emt) does not give"),
@@ -152,6 +167,30 @@ def test_sampled_students_end_to_end(tmp_path):
     # a second run is up to date throughout
     again = run_pipeline(recipe, out=out, log=lambda line: None)
     assert again.ran == []
+
+
+def test_candidates_of_an_unlabelled_pool(tmp_path):
+    """`data: {demo: {num_pool: M}, sample: {seeds: pool}}`: the seeds are M structures of other
+    systems written without labels; the candidates are theirs, and only the teacher labels them."""
+    from kdcache.data import open_dataset
+    from kdcache.data.candidates import candidate_provenance
+
+    recipe = tmp_path / "pool.yaml"
+    recipe.write_text(yaml.safe_dump(_with(
+        seeds=[0], data={"demo": {"num_train": 5, "num_val": 3, "num_test": 3, "num_pool": 4, "seed": 0},
+                         "sample": {"seeds": "pool", "per_seed": 2, "rattle": 0.04, "min_distance": 0.7}})))
+    out = tmp_path / "run"
+    first = run_pipeline(recipe, out=out, log=lambda line: None)
+    assert first.ran[:2] == ["data (demo)", "data (sample candidates of the unlabelled pool structures)"]
+    pool, train = open_dataset(out / "data" / "pool.lmdb"), open_dataset(out / "data" / "train.lmdb")
+    assert len(pool) == 4 and all(getattr(pool[i], "energy", None) is None for i in range(4))
+    assert not {int(pool[i].sid) for i in range(4)} & {int(train[i].sid) for i in range(5)}  # other systems
+    cands = out / "sampled" / "candidates.lmdb"
+    prov = candidate_provenance(cands)
+    assert prov["counts"]["seed_structures"] == 4 and len(open_dataset(cands)) == 8
+    assert prov["seed_data"]["path"] == str(out / "data" / "pool.lmdb")
+    report = (out / "report" / "report.md").read_text()
+    assert "8 candidates of the 4 unlabelled pool structures" in report
 
 
 @pytest.mark.slow
