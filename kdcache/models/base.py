@@ -272,6 +272,18 @@ class PotentialModel(nn.Module):
         """
         raise NotImplementedError
 
+    def fast_graph(self, inputs: ModelInputs, graph: dict) -> dict:
+        """What the compiled path (:mod:`kdcache.models.fast`) adds to :meth:`make_graph`'s graph
+        before it runs :meth:`body`: work-saving index tensors the eager path, the reference, does
+        without (e.g. :func:`kdcache.models.common.with_edge_pairs`). The body gives the same values
+        with or without them, to float32 round-off. Default: the graph as it is.
+
+        Args:
+            inputs: the prepared batch.
+            graph: from :meth:`make_graph`.
+        """
+        return graph
+
     def compute(self, inputs: ModelInputs, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
         """The architecture's body on a prepared batch: :meth:`body` on :meth:`make_graph`.
 

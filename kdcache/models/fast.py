@@ -150,7 +150,7 @@ class FastPath:
         wanted = model.check_features(features)
         keep_graph = model._caller_differentiates(batch)
         inputs = model.prepare_inputs(batch, autograd_forces=False)
-        graph = model.make_graph(inputs)
+        graph = model.fast_graph(inputs, model.make_graph(inputs))
         if _tiny(inputs.pos, graph):
             self.eager_calls += 1
             return eager_model(model)(batch, features)

@@ -24,7 +24,7 @@ from torch import nn
 from kdcache import graph as G
 from kdcache import keys as K
 from kdcache.models.base import ModelInputs, PotentialModel
-from kdcache.models.common import student_edges, student_geometry
+from kdcache.models.common import EDGE_PAIR, PAIR_EDGE, student_edges, student_geometry, with_edge_pairs
 # shared, model-neutral building blocks (never from the teacher's package: students must not
 # import kdcache.models.gemnet_oc)
 from kdcache.models.radial import RadialBasis
@@ -88,9 +88,14 @@ class PaiNNMessage(nn.Module):
         _xavier_zero_bias(self.x_proj[2])
         _xavier_zero_bias(self.rbf_proj)
 
-    def forward(self, x, vec, src, dst, edge_rbf, edge_dir):
+    def forward(self, x, vec, src, dst, edge_rbf, edge_dir, edge_pair=None):
+        """``edge_rbf`` per edge, or per atom pair with ``edge_pair [E]`` (the fast path's
+        :func:`~kdcache.models.common.with_edge_pairs`: the radial filter once per pair)."""
         d = self.hidden_channels
-        filt = self.x_proj(self.x_layernorm(x))[src] * self.rbf_proj(edge_rbf)  # [E, 3d]
+        radial = self.rbf_proj(edge_rbf)
+        if edge_pair is not None:
+            radial = radial[edge_pair]
+        filt = self.x_proj(self.x_layernorm(x))[src] * radial  # [E, 3d]
         ds, gate_v, gate_r = filt.split(d, dim=-1)
         gate_v = gate_v * self.inv_sqrt_3
         dv = vec[src] * gate_v[:, None, :] + gate_r[:, None, :] * edge_dir[:, :, None]
@@ -284,6 +289,11 @@ class PaiNN(PotentialModel):
         """The symmetric radius graph (:func:`kdcache.models.common.student_edges`)."""
         return student_edges(inputs, self.cutoff, self.max_neighbors, symmetric=True)
 
+    def fast_graph(self, inputs: ModelInputs, graph: dict) -> dict:
+        """The compiled path's graph: with atom pairs, so each message layer's radial filter is
+        computed once per pair (half the edges) instead of once per edge."""
+        return with_edge_pairs(inputs, graph)
+
     @staticmethod
     def _geometry(pos: torch.Tensor, graph: dict) -> dict[str, torch.Tensor]:
         src, dst, dist, edge_vector = student_geometry(pos, graph)
@@ -300,14 +310,17 @@ class PaiNN(PotentialModel):
             graph: from :meth:`make_graph`.
             wanted: requested features (both are always returned; the base class picks).
         """
+        edge_pair = graph.get(EDGE_PAIR)  # the fast path's: radial filters once per atom pair
+        pair_edge = graph.get(PAIR_EDGE)
         graph = self._geometry(pos, graph)
         src, dst, edge_dir = graph["src"], graph["dst"], graph["edge_dir"]
-        edge_rbf = self.radial_basis(graph["dist"])
+        dist = graph["dist"] if edge_pair is None else graph["dist"][pair_edge]
+        edge_rbf = self.radial_basis(dist)
 
         x = self.atom_emb(atomic_numbers)
         vec = x.new_zeros(x.shape[0], 3, x.shape[1])
         for i in range(self.num_layers):
-            dx, dvec = self.message_layers[i](x, vec, src, dst, edge_rbf, edge_dir)
+            dx, dvec = self.message_layers[i](x, vec, src, dst, edge_rbf, edge_dir, edge_pair)
             x = (x + dx) * self.inv_sqrt_2
             vec = vec + dvec
             dx, dvec = self.update_layers[i](x, vec)

@@ -16,7 +16,7 @@ from torch import nn
 
 from kdcache import keys as K
 from kdcache.models.base import ModelInputs, PotentialModel
-from kdcache.models.common import student_edges, student_geometry
+from kdcache.models.common import EDGE_PAIR, PAIR_EDGE, student_edges, student_geometry, with_edge_pairs
 from kdcache.models.radial import GaussianBasis
 
 #: the reference wrapper fixes the neighbour limit to this value
@@ -57,9 +57,13 @@ class CFConv(nn.Module):
         nn.init.xavier_uniform_(self.lin2.weight)
         nn.init.zeros_(self.lin2.bias)
 
-    def forward(self, h, src, dst, dist, dist_basis):
+    def forward(self, h, src, dst, dist, dist_basis, edge_pair=None):
+        """``dist`` and ``dist_basis`` per edge, or per atom pair with ``edge_pair [E]`` (the fast
+        path's :func:`~kdcache.models.common.with_edge_pairs`: the filter once per pair)."""
         envelope = 0.5 * (torch.cos(dist * (math.pi / self.cutoff)) + 1.0)
         w = self.nn(dist_basis) * envelope[:, None]
+        if edge_pair is not None:
+            w = w[edge_pair]
         msg = self.lin1(h)[src] * w
         agg = msg.new_zeros(h.shape[0], msg.shape[1]).index_add_(0, dst, msg)
         return self.lin2(agg)
@@ -87,8 +91,8 @@ class InteractionBlock(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, h, src, dst, dist, dist_basis):
-        return self.lin(self.act(self.conv(h, src, dst, dist, dist_basis)))
+    def forward(self, h, src, dst, dist, dist_basis, edge_pair=None):
+        return self.lin(self.act(self.conv(h, src, dst, dist, dist_basis, edge_pair)))
 
 
 class SchNet(PotentialModel):
@@ -173,6 +177,11 @@ class SchNet(PotentialModel):
             graph[_STRUCTURE_SIZE] = natoms[batch].to(inputs.pos.dtype)
         return graph
 
+    def fast_graph(self, inputs: ModelInputs, graph: dict) -> dict:
+        """The compiled path's graph: with atom pairs, so each filter network runs once per pair
+        whose two directions are both edges (the neighbour limit leaves some single)."""
+        return with_edge_pairs(inputs, graph)
+
     def body(self, pos: torch.Tensor, atomic_numbers: torch.Tensor, graph: dict,
              wanted) -> dict[str, torch.Tensor]:
         """Atom energies and ``node`` = atom features after the last interaction.
@@ -184,10 +193,13 @@ class SchNet(PotentialModel):
             wanted: requested features (``node`` is always returned; the base class picks).
         """
         src, dst, dist, _ = student_geometry(pos, graph)
+        edge_pair = graph.get(EDGE_PAIR)  # the fast path's: filters once per atom pair
+        if edge_pair is not None:
+            dist = dist[graph[PAIR_EDGE]]
         basis = self.distance_expansion(dist)
         h = self.embedding(atomic_numbers)
         for block in self.interactions:
-            h = h + block(h, src, dst, dist, basis)
+            h = h + block(h, src, dst, dist, basis, edge_pair)
         atom_energy = self.lin2(self.act(self.lin1(h)))[:, 0]
         return {K.ATOM_ENERGY: atom_energy, K.NODE: h}
 

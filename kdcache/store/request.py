@@ -292,12 +292,14 @@ def check_settings(settings: Mapping[str, Any], name: Callable[[str], str] = opt
     if settings.get("fast") is True:
         # the compiled path differentiates its forces once (AOTAutograd: no double backward), and
         # module hooks would have to be traced into it
+        # (the other setting by its bare name: `name` may give a whole "recipe r.yaml: key ..." prefix)
+        other = option_name if name is option_name else str
         if isinstance(probes, int) and probes > 0:
-            raise ConfigError(f"{name('fast')}: {name('hessian_probes')} differentiates the teacher's forces again, "
-                              f"which its compiled path cannot; extract without {name('fast')}")
+            raise ConfigError(f"{name('fast')}: {other('hessian_probes')} differentiates the teacher's forces again, "
+                              f"which its compiled path cannot; extract without {other('fast')}")
         if settings.get("feature_modules"):
-            raise ConfigError(f"{name('fast')}: {name('feature_modules')} hooks modules of the eager teacher; extract "
-                              f"without {name('fast')}")
+            raise ConfigError(f"{name('fast')}: {other('feature_modules')} hooks modules of the eager teacher; "
+                              f"extract without {other('fast')}")
     if "shard_atoms" in settings or "chunk_atoms" in settings:
         # a shard file holds whole inner chunks (format.Layout.plan)
         shard = settings.get("shard_atoms", fields["shard_atoms"].default)
