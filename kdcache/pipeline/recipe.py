@@ -42,7 +42,7 @@ path). Its ``train:`` sections are stage two's own settings schema
       - {name: n2n+v2v, terms: {n2n: 10, v2v: 1}}
       - {name: sampled, strategy: none, data: sampled, train: {labels: teacher}}
     eval: {batch_size: 16}
-    report: {plots: true, cka_samples: 64}
+    report: {plots: true, cka_samples: 64}   # compare_to: RUN adds gap closed against that run
 
 Relative paths are taken from the current working directory. The file is read with
 :func:`kdcache.config_yaml.load_yaml` (plain data only; a key given twice is an error).
@@ -413,10 +413,15 @@ class EvalSpec(Schema):
 
 
 class ReportSpec(Schema):
+    """``report:``. ``compare_to``: the name of a strategies entry; the report adds a second
+    table, gap closed against that run (of the same seed) instead of the baseline, e.g. a
+    distillation term on top of teacher labels against the teacher labels alone."""
+
     plots: bool = True
     cka_samples: integer(gt=0) = 64
     parity_samples: integer(gt=0) = 200
     title: str | None = None
+    compare_to: str | None = None
 
 
 class RecipeFile(Schema):
@@ -456,6 +461,16 @@ class RecipeFile(Schema):
         if seeds is not None and len(set(seeds)) != len(seeds):
             raise refuse("", f"a seed is given twice: {seeds}")
         return seeds
+
+    @model_validator(mode="after")
+    def _compared_run(self) -> "RecipeFile":
+        name = self.report.compare_to
+        names = [s.name for s in self.strategies]
+        if name is not None and name not in names:
+            raise refuse("report.compare_to", f"{name!r} is not a run of this recipe; its runs: {', '.join(names) or 'none'}")
+        if name is not None and len(names) < 2:
+            raise refuse("report.compare_to", "needs another run to compare with")
+        return self
 
     @model_validator(mode="after")
     def _sampled_data(self) -> "RecipeFile":

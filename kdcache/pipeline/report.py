@@ -115,6 +115,31 @@ def add_gaps(rows: list[Row]) -> list[Row]:
     return rows
 
 
+def against(rows: list[Row], name: str) -> list[Row]:
+    """The rows with run ``name`` in the baseline's place: gap closed of every other distilled
+    run against ``name`` of the same seed (``(name_s - run_s) / (mean name - teacher)``), e.g.
+    a distillation term on teacher labels against the teacher labels alone. The baseline row is
+    left out; metrics are unchanged.
+
+    Args:
+        rows: the report's rows (teacher, baseline, distilled runs).
+        name: a distilled run's name.
+    """
+    import copy
+
+    out = []
+    for r in rows:
+        if r.kind == "baseline":
+            continue
+        r = copy.copy(r)
+        if r.name == name:
+            r.kind = "baseline"
+        out.append(r)
+    if not any(r.kind == "baseline" for r in out):
+        raise ValueError(f"no run {name!r} among {[r.name for r in rows]}")
+    return add_gaps(out)
+
+
 def _several_seeds(rows: list[Row]) -> bool:
     return any(r.num_seeds > 1 for r in rows)
 

@@ -499,6 +499,11 @@ class Pipeline:
         R.add_gaps(rows)
         self.log("")
         self.log(R.gap_table_text(rows, title=f"{r.name}: share of the student-teacher gap closed (test split)"))
+        if r.report.get("compare_to"):
+            name = r.report["compare_to"]
+            self.log("")
+            self.log(R.gap_table_text(R.against(rows, name),
+                                      title=f"{r.name}: gap closed against {name} of the same seed (test split)"))
         note = self._teacher_note(rows)
         if note:
             self.log(note)
@@ -613,6 +618,15 @@ class Pipeline:
         note = self._teacher_note(rows)
         if note:
             intro += " " + note
+        name = r.report.get("compare_to")
+        if name:
+            compared = R.against(rows, name)
+            csv_name = f"report-vs-{name}.csv"
+            R.write_csv(compared, folder / csv_name, config=r.name)
+            outputs["csv_compared"] = csv_name
+            extra = (f"## Against {name}\n\nGap closed against the run `{name}` of the same seed in place of the "
+                     f"baseline: ({name} − run) / ({name} − teacher), mean ± SE over seeds (also in `{csv_name}`).\n\n"
+                     + R.markdown_table(compared) + ("\n\n" + extra if extra else ""))
         R.write_markdown(rows, folder / "report.md", title, intro=intro, plots=figs, extra=extra)
         R.write_csv(rows, folder / "report.csv", config=r.name)
         return outputs

@@ -83,7 +83,8 @@ STRATEGIES: dict[str, StrategySpec] = {
     "vanilla2": StrategySpec("vanilla2", "atom_energy", None, (K.ATOM_ENERGY,), default_lambda=100.0),
     # the student's −∂F/∂x·v for the stored probes (kdcache/hessian.py) against the teacher's; the
     # standardised term is ≈ 1/3 per component for an uninformed student, like v2v's, and λ = 10
-    # is a first guess below the feature strategies' 30, NOT yet tuned by experiment
+    # is a first guess below the feature strategies' 30, not swept; measured once, on teacher-
+    # labelled candidates (pipelines/synthetic-model.yaml): a further force gain beyond noise
     "hessian": StrategySpec("hessian", "hessian", None, (K.HVP,), default_lambda=10.0,
                             extract_option="--hessian-probes K"),
 }

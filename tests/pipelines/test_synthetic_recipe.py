@@ -222,3 +222,24 @@ def test_teacher_labels_may_come_from_the_students_settings():
     # every run then reads a store: the baseline the training split's, the sampled run the candidates'
     assert recipe.store_sources() == ["train", "sampled"]
     assert [recipe.labels(s) for s in (None, *recipe.strategies)] == ["teacher", "teacher"]
+
+
+def test_compare_to_names_a_run_and_pairs_seeds_against_it():
+    """`report: {compare_to: RUN}`: gap closed of every other run against RUN of the same seed."""
+    from kdcache.pipeline import report as R
+
+    with pytest.raises(ConfigError, match="report.compare_to.*'nope' is not a run"):
+        parse_recipe(_with(report={"compare_to": "nope"}), "r.yaml")
+    with pytest.raises(ConfigError, match="report.compare_to.*needs another run"):
+        parse_recipe(_with(report={"compare_to": "sampled"}), "r.yaml")
+    teacher = R.Row("teacher", "teacher", {"energy_mae": 10.0})
+    rows = [teacher, R.Row.over_seeds("baseline", "baseline", [{"energy_mae": 200.0}, {"energy_mae": 300.0}], [0, 1]),
+            R.Row.over_seeds("labels", "distilled", [{"energy_mae": 100.0}, {"energy_mae": 120.0}], [0, 1]),
+            R.Row.over_seeds("extra", "distilled", [{"energy_mae": 90.0}, {"energy_mae": 98.0}], [0, 1])]
+    R.add_gaps(rows)
+    compared = {r.name: r for r in R.against(rows, "labels")}
+    assert set(compared) == {"teacher", "labels", "extra"} and compared["labels"].kind == "baseline"
+    # per seed (labels_s - extra_s) / (mean labels - teacher) = 10/100, 22/100
+    assert compared["extra"].gap["energy_mae"] == pytest.approx(0.16)
+    assert compared["extra"].gap_stats["energy_mae"].se == pytest.approx(0.06)
+    assert rows[3].gap["energy_mae"] == pytest.approx((110 + 202) / 2 / 240)  # the baseline table is unchanged
