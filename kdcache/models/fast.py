@@ -65,6 +65,14 @@ if TYPE_CHECKING:  # the base class imports the calculator, which imports this m
 
 PRECISIONS = ("float32", "tf32", "bf16")
 
+#: threads of inductor's *generated* CPU kernels (pointwise, reductions, gathers and scatters).
+#: With more than one they accumulate every scatter (index_add: each message-passing
+#: aggregation) through atomic float adds, and a gather-multiply-scatter of PaiNN-small's size
+#: ran 8x slower on 2 threads than on 1 (43 vs 5 ms; the whole model ran slower on 2 threads
+#: than on 1). One thread for them; matrix products are ATen's (extern kernels) and keep all of
+#: torch's intra-op threads. (CPU only: the setting does not touch CUDA code.)
+GENERATED_KERNEL_THREADS = 1
+
 #: one compiled entry per model instance, gradient mode and size regime, all of the same kernel
 #: function: dynamo's default limit of 8 would silently fall back to eager in a process that
 #: holds a teacher and students (or a test session)
@@ -133,7 +141,8 @@ class FastPath:
         self.eager_calls = 0  # forwards too small for it (see _tiny), run eagerly
         inductor_cache_dir()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self.kernel = torch.compile(_kernel, dynamic=True, fullgraph=True)
+        self.kernel = torch.compile(_kernel, dynamic=True, fullgraph=True,
+                                    options={"cpp.threads": GENERATED_KERNEL_THREADS})
 
     def __deepcopy__(self, memo) -> "FastPath":
         return self
