@@ -104,7 +104,7 @@ class ExtractRequest(Schema):
         "backward per probe."))
     fast: bool = Field(False, description=(
         "Run a built-in model teacher on its compiled path (kdcache.models.fast: torch.compile; the same values to "
-        "float32 round-off, GemNet-OC inference ~1.3-1.4x on 1-2 CPU threads; the first batch compiles, warm from "
+        "float32 round-off, GemNet-OC inference ~1.2-1.4x on 1-2 CPU threads; the first batch compiles, warm from "
         "the on-disk cache). Decides the values, so a resume keeps it. Not with --hessian-probes or --feature."))
     feature_modules: Annotated[Optional[dict[str, str]], BeforeValidator(_feature_modules)] = Field(
         None, description=(

@@ -139,7 +139,7 @@ class TrainConfig(Schema):
                                      "default: the sampler's).")
     fast: bool = Field(False, description=(
         "Train the student on its compiled path (kdcache.models.fast: torch.compile, same weights and checkpoints, "
-        "the same numbers to float32 round-off; training steps 3-8x faster on 1 CPU thread, 3-4x on 2, see "
+        "the same numbers to float32 round-off; training steps 6-11x faster on 1 CPU thread, 5-7x on 2, see "
         "docs/benchmarks-models.md). The first steps compile (seconds from the on-disk cache, a minute or more "
         "cold): worth it for runs of more than a few hundred steps. Decides the trajectory, so a resume keeps it. "
         "Not with the hessian strategy."))
