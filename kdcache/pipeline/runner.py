@@ -57,6 +57,7 @@ CANDIDATES = "candidates.lmdb"
 STORE_FOLDERS = {"train": "store", "sampled": "store-sampled"}
 #: what ``data.sample.seeds`` names, in words
 SAMPLE_SOURCES = {"train": "training structures", "pool": "unlabelled pool structures"}
+SAMPLE_STAGES = {"train": "training split", "pool": "unlabelled pool"}
 
 
 def _short_id(identity: str | None) -> str:
@@ -204,7 +205,7 @@ class Pipeline:
         # the file appears only when complete: an interrupted sampling starts over; sampling the
         # training split keeps the stage inputs it had before pools existed
         inputs = {"seed_data": seed_id, "settings": settings, **({"seeds": source} if source != "train" else {})}
-        res = self._stage(f"data (sample candidates of the {what})", self.out / "sampled",
+        res = self._stage(f"data (sample candidates of the {SAMPLE_STAGES[source]})", self.out / "sampled",
                           inputs, fn, resumable=False)
         return str(res.folder / CANDIDATES), {"sampled": res.input_hash}
 
@@ -541,6 +542,33 @@ class Pipeline:
                            "(baseline − run) / baseline.")
         return text + "; gap closed is measured against it as against a model teacher."
 
+    def _intro(self, rows: list) -> str:
+        """The report's first paragraph: recipe, teacher, student, data, sampled candidates."""
+        r = self.recipe
+        intro = (f"Recipe `{r.path}`; teacher `{r.teacher.describe()}`, "
+                 f"student `{r.student.preset}`; test split `{r.data.test or 'demo'}`.")
+        if r.data.sample is not None:
+            counts = read_stage(self.out / "sampled")["outputs"]["counts"]
+            sm = r.data.sample
+            intro += (f" Sampled data: {counts['candidates']} candidates of the {counts['seed_structures']} "
+                      f"{SAMPLE_SOURCES[sm['seeds']]} (`kdcache data sample`: {sm['per_seed']} per structure, rattle {sm['rattle']:g} Å, "
+                      f"strain {sm['strain']:g}, minimum distance {sm['min_distance']:g} Å, seed {sm['seed']}), "
+                      "without labels; the teacher labelled them once (`store-sampled/`). Runs marked "
+                      "*sampled data* train on them in place of the training split.")
+        note = self._teacher_note(rows)
+        return intro + (" " + note if note else "")
+
+    def _compared(self, folder: Path, rows: list, name: str, outputs: dict) -> str:
+        """``report.compare_to``: the markdown section (and ``report-vs-NAME.csv``) of gap closed
+        against run ``name`` of the same seed."""
+        compared = R.against(rows, name)
+        csv_name = f"report-vs-{name}.csv"
+        R.write_csv(compared, folder / csv_name, config=self.recipe.name)
+        outputs["csv_compared"] = csv_name
+        return (f"## Against {name}\n\nGap closed against the run `{name}` of the same seed in place of the "
+                f"baseline: ({name} − run) / ({name} − teacher), mean ± SE over seeds (also in `{csv_name}`).\n\n"
+                + R.markdown_table(compared))
+
     def _write_report(self, folder: Path, rows: list, evals: dict, runs: dict, chosen: dict) -> dict:
         from kdcache.pipeline import plots as P
         from kdcache.pipeline.cka import linear_cka
@@ -605,29 +633,10 @@ class Pipeline:
                 lines += [f"| {n} | " + " | ".join(f"{v:.3f}" for v in values[i]) + " |" for i, n in enumerate(names)]
                 extra = f"Linear CKA on {n_atoms} test atoms:\n\n" + "\n".join(lines)
                 np.savetxt(folder / "cka.csv", values, delimiter=",", header=",".join(cols), comments="")
-        intro = (f"Recipe `{r.path}`; teacher `{r.teacher.describe()}`, "
-                 f"student `{r.student.preset}`; test split `{r.data.test or 'demo'}`.")
-        if r.data.sample is not None:
-            counts = read_stage(self.out / "sampled")["outputs"]["counts"]
-            sm = r.data.sample
-            intro += (f" Sampled data: {counts['candidates']} candidates of the {counts['seed_structures']} "
-                      f"{SAMPLE_SOURCES[sm['seeds']]} (`kdcache data sample`: {sm['per_seed']} per structure, rattle {sm['rattle']:g} Å, "
-                      f"strain {sm['strain']:g}, minimum distance {sm['min_distance']:g} Å, seed {sm['seed']}), "
-                      "without labels; the teacher labelled them once (`store-sampled/`). Runs marked "
-                      "*sampled data* train on them in place of the training split.")
-        note = self._teacher_note(rows)
-        if note:
-            intro += " " + note
         name = r.report.get("compare_to")
         if name:
-            compared = R.against(rows, name)
-            csv_name = f"report-vs-{name}.csv"
-            R.write_csv(compared, folder / csv_name, config=r.name)
-            outputs["csv_compared"] = csv_name
-            extra = (f"## Against {name}\n\nGap closed against the run `{name}` of the same seed in place of the "
-                     f"baseline: ({name} − run) / ({name} − teacher), mean ± SE over seeds (also in `{csv_name}`).\n\n"
-                     + R.markdown_table(compared) + ("\n\n" + extra if extra else ""))
-        R.write_markdown(rows, folder / "report.md", title, intro=intro, plots=figs, extra=extra)
+            extra = self._compared(folder, rows, name, outputs) + ("\n\n" + extra if extra else "")
+        R.write_markdown(rows, folder / "report.md", title, intro=self._intro(rows), plots=figs, extra=extra)
         R.write_csv(rows, folder / "report.csv", config=r.name)
         return outputs
 

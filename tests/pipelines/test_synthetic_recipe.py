@@ -178,10 +178,13 @@ def test_candidates_of_an_unlabelled_pool(tmp_path):
     recipe = tmp_path / "pool.yaml"
     recipe.write_text(yaml.safe_dump(_with(
         seeds=[0], data={"demo": {"num_train": 5, "num_val": 3, "num_test": 3, "num_pool": 4, "seed": 0},
-                         "sample": {"seeds": "pool", "per_seed": 2, "rattle": 0.04, "min_distance": 0.7}})))
+                         "sample": {"seeds": "pool", "per_seed": 2, "rattle": 0.04, "min_distance": 0.7}},
+        strategies=[*TINY["strategies"],
+                    {"name": "slower", "strategy": "none", "data": "sampled", "train": {"labels": "teacher", "lr": 1e-4}}],
+        report={**TINY["report"], "compare_to": "sampled"})))
     out = tmp_path / "run"
     first = run_pipeline(recipe, out=out, log=lambda line: None)
-    assert first.ran[:2] == ["data (demo)", "data (sample candidates of the unlabelled pool structures)"]
+    assert first.ran[:2] == ["data (demo)", "data (sample candidates of the unlabelled pool)"]
     pool, train = open_dataset(out / "data" / "pool.lmdb"), open_dataset(out / "data" / "train.lmdb")
     assert len(pool) == 4 and all(getattr(pool[i], "energy", None) is None for i in range(4))
     assert not {int(pool[i].sid) for i in range(4)} & {int(train[i].sid) for i in range(5)}  # other systems
@@ -191,6 +194,12 @@ def test_candidates_of_an_unlabelled_pool(tmp_path):
     assert prov["seed_data"]["path"] == str(out / "data" / "pool.lmdb")
     report = (out / "report" / "report.md").read_text()
     assert "8 candidates of the 4 unlabelled pool structures" in report
+    # report.compare_to: a second table, the other run against `sampled` of the same seed
+    assert "## Against sampled" in report
+    compared = {r["run"]: r for r in read_csv(out / "report" / "report-vs-sampled.csv")}
+    assert set(compared) == {"teacher", "sampled", "slower"} and compared["sampled"]["kind"] == "baseline"
+    s, d, t = (float(compared[k]["energy_mae"]) for k in ("sampled", "slower", "teacher"))
+    assert float(compared["slower"]["gap_closed_energy_mae"]) == pytest.approx((s - d) / (s - t), rel=1e-6)
 
 
 @pytest.mark.slow
