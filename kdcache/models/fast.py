@@ -6,7 +6,10 @@ on the other; ``state_dict``, checkpoints, ``predict`` and the feature hand-out 
 whose forward runs:
 
 1. the graph work eagerly — :meth:`~kdcache.models.base.PotentialModel.make_graph`: radius graphs,
-   symmetrisation, triplets, everything with data-dependent shapes and host syncs;
+   symmetrisation, triplets, everything with data-dependent shapes and host syncs — plus what
+   :meth:`~kdcache.models.base.PotentialModel.fast_graph` adds for the compiled body alone (PaiNN
+   and SchNet: atom pairs, so radial filters run once per pair,
+   :func:`kdcache.models.common.with_edge_pairs`);
 2. :meth:`~kdcache.models.base.PotentialModel.body` (edge geometry, message passing, heads)
    compiled by ``torch.compile`` (inductor, ``fullgraph``: no graph breaks, no host syncs) with
    dynamic shapes. Gradient forces ``-dE/dpos`` are taken *inside* the compiled region with
