@@ -64,6 +64,7 @@ def image_repetitions(
     pbc: torch.Tensor,
     natoms: torch.Tensor,
     cutoff: float,
+    lattice_planes: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """How many cell repetitions ``r`` (images ``-r..r``) each structure needs per direction.
 
@@ -82,11 +83,42 @@ def image_repetitions(
         pbc: ``[S, 3]`` bool.
         natoms: ``[S]`` atoms per structure.
         cutoff: radius in Å.
+        lattice_planes: :func:`lattice_planes` of ``cell`` and ``pbc``, when the caller keeps it
+            (a :class:`NeighborList`: the cell is fixed between its builds).
 
     Returns:
         ``[S, 3]`` long, zero along non-periodic directions.
     """
     num_structures = natoms.shape[0]
+    with torch.no_grad():
+        reciprocal, inv_plane = lattice_planes if lattice_planes is not None else _lattice_planes(cell, pbc)
+        if pos.shape[0] == 0:
+            return torch.zeros(num_structures, 3, dtype=torch.long, device=pos.device)
+        batch = torch.repeat_interleave(torch.arange(num_structures, device=pos.device), natoms)
+        frac = torch.einsum("nj,nkj->nk", pos.detach().to(torch.float64), reciprocal[batch])
+        index = batch[:, None].expand(-1, 3)
+        lo = torch.full((num_structures, 3), math.inf, dtype=torch.float64, device=pos.device)
+        hi = torch.full((num_structures, 3), -math.inf, dtype=torch.float64, device=pos.device)
+        lo = lo.scatter_reduce(0, index, frac, "amin")
+        hi = hi.scatter_reduce(0, index, frac, "amax")
+        spread = (hi - lo).clamp(min=0.0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        # An image n along k can hold an edge only if |n + Δfrac| / |b*_k| <= cutoff, with
+        # |Δfrac| <= spread: |n| <= cutoff |b*_k| + spread. For atoms inside the cell (spread < 1)
+        # this never exceeds the reference's ceil(cutoff |b*_k|), which we keep as the minimum.
+        # (Non-periodic directions have inv_plane 0 and are zeroed: their reciprocal row is 0.)
+        reach = cutoff * inv_plane
+        reps = torch.maximum(torch.ceil(reach), torch.floor(reach + spread + 1e-6))
+        reps = torch.where(pbc, reps, torch.zeros_like(reps))
+        return reps.long()
+
+
+def _lattice_planes(cell: torch.Tensor, pbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cell-only part of :func:`image_repetitions`: reciprocal rows ``[S, 3, 3]`` (float64)
+    of the periodic lattice and ``1 / plane spacing [S, 3]`` (0 along non-periodic directions).
+
+    Raises:
+        DataError: the lattice vectors of a periodic direction are degenerate.
+    """
     with torch.no_grad():
         # float64: the repetition count must not flip on rounding (a missed image = missed edge).
         lattice = cell.detach().to(torch.float64) * pbc[:, :, None]
@@ -105,23 +137,7 @@ def image_repetitions(
                 "<batch>", s, K.CELL,
                 f"the lattice vectors of the periodic directions are degenerate: {cell[s].tolist()}",
             )
-        if pos.shape[0] == 0:
-            return torch.zeros(num_structures, 3, dtype=torch.long, device=pos.device)
-        batch = torch.repeat_interleave(torch.arange(num_structures, device=pos.device), natoms)
-        frac = torch.einsum("nj,nkj->nk", pos.detach().to(torch.float64), reciprocal[batch])
-        index = batch[:, None].expand(-1, 3)
-        lo = torch.full((num_structures, 3), math.inf, dtype=torch.float64, device=pos.device)
-        hi = torch.full((num_structures, 3), -math.inf, dtype=torch.float64, device=pos.device)
-        lo = lo.scatter_reduce(0, index, frac, "amin")
-        hi = hi.scatter_reduce(0, index, frac, "amax")
-        spread = (hi - lo).clamp(min=0.0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
-        # An image n along k can hold an edge only if |n + Δfrac| / |b*_k| <= cutoff, with
-        # |Δfrac| <= spread: |n| <= cutoff |b*_k| + spread. For atoms inside the cell (spread < 1)
-        # this never exceeds the reference's ceil(cutoff |b*_k|), which we keep as the minimum.
-        reach = cutoff * inv_plane
-        reps = torch.maximum(torch.ceil(reach), torch.floor(reach + spread + 1e-6))
-        reps = torch.where(pbc & ok, reps, torch.zeros_like(reps))
-        return reps.long()
+        return reciprocal, inv_plane
 
 
 def _check_inputs(pos, cell, pbc, natoms):
@@ -505,7 +521,8 @@ class NeighborList:
         batch = torch.repeat_interleave(torch.arange(natoms.shape[0], device=pos.device), natoms)
         self._built = dict(cutoff=float(cutoff), pos=pos.clone(), cell=cell.clone(), pbc=pbc.clone(),
                            natoms=natoms.clone(), t=edge_index[1], s=edge_index[0], n=-offset,
-                           structure=batch[edge_index[1]])
+                           structure=batch[edge_index[1]], periodic=bool(pbc.any()),
+                           planes=_lattice_planes(cell, pbc), grids={})
         self.builds += 1
         self._generation += 1
 
@@ -540,8 +557,20 @@ class NeighborList:
     def _refine(self, pos, cell, pbc, natoms, cutoff: float, max_neighbors, strict: bool, tie_break: str):
         b = self._built
         t, s, n, structure = b["t"], b["s"], b["n"], b["structure"]
-        reps = image_repetitions(pos, cell, pbc, natoms, cutoff)
-        grid_reps, _, shift_table, allowed = _image_grid(cell.detach(), reps, pos.dtype)
+        if not b["periodic"]:
+            # no images: a fresh build's one shift is the zero vector, and pos_s + (±0) = pos_s,
+            # so these are its squared distances bit for bit (the pair search is what it saves,
+            # and the image bookkeeping below, most of a molecule's refine)
+            dsq = _squared_distance(pos[t], pos[s], pos.new_zeros(()))
+            keep = (dsq <= cutoff * cutoff) & (dsq > MIN_DISTANCE_SQ)
+            return _limit_neighbors(t[keep], s[keep], -n[keep], dsq[keep], natoms, pos.shape[0], max_neighbors,
+                                    strict, tie_break)
+        reps = image_repetitions(pos, cell, pbc, natoms, cutoff, lattice_planes=b["planes"])
+        # the grid depends on the cell (fixed until the next build) and the repetitions alone
+        grid_key = (pos.dtype, tuple(reps.flatten().tolist()))
+        if grid_key not in b["grids"]:
+            b["grids"][grid_key] = _image_grid(cell.detach(), reps, pos.dtype)
+        grid_reps, _, shift_table, allowed = b["grids"][grid_key]
         # each listed pair's shift, read from the very table a fresh build would use (its cell
         # in the grid of the current repetitions; pairs outside it cannot be within the cutoff)
         in_grid = (n.abs() <= grid_reps).all(dim=-1)

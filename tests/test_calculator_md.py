@@ -33,12 +33,25 @@ def _hot(atoms, seed: int = 0, temperature_k: float = 1500.0):
     return atoms
 
 
+def _cluster():
+    """A 38-atom Pt cluster in a box, no periodic direction (the list's molecule branch): its
+    inner atoms have more neighbours within 6 Å than the limits below keep."""
+    from ase.cluster import Octahedron
+
+    atoms = Octahedron("Pt", 4, 1)
+    atoms.center(vacuum=3.0)
+    atoms.pbc = False
+    return atoms
+
+
+@pytest.mark.parametrize("structure", ["slab", "slab-2d", "cluster"])
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "shells"])
-def test_neighbor_list_equals_fresh_radius_graph(strict):
-    slab = _dense_slab()
+def test_neighbor_list_equals_fresh_radius_graph(strict, structure):
+    slab = _cluster() if structure == "cluster" else _dense_slab()
     pos0 = torch.tensor(slab.positions)
     cell = torch.tensor(np.asarray(slab.cell))[None]
-    pbc, natoms = torch.ones(1, 3, dtype=torch.bool), torch.tensor([len(slab)])
+    pbc = {"slab": [True, True, True], "slab-2d": [True, True, False], "cluster": [False, False, False]}[structure]
+    pbc, natoms = torch.tensor([pbc]), torch.tensor([len(slab)])
     rng = np.random.default_rng(0)
     nl = G.NeighborList(skin=1.0)
     walk = pos0.clone()

@@ -226,6 +226,10 @@ class PotentialModel(nn.Module):
 
     #: set on the views :func:`kdcache.models.fast.fast_model` returns: runs :meth:`forward`
     fast_path = None
+    #: the compiled path's generated kernels run on all of torch's threads (True) or on one
+    #: (False: message passing by scatter-adds, which inductor makes atomic on more threads; see
+    #: :data:`kdcache.models.fast.GENERATED_KERNEL_THREADS`)
+    fast_kernels_threaded: bool = False
 
     def __init__(self) -> None:
         super().__init__()

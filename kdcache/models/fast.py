@@ -68,12 +68,16 @@ if TYPE_CHECKING:  # the base class imports the calculator, which imports this m
 
 PRECISIONS = ("float32", "tf32", "bf16")
 
-#: threads of inductor's *generated* CPU kernels (pointwise, reductions, gathers and scatters).
+#: threads of inductor's *generated* CPU kernels (pointwise, reductions, gathers and scatters)
+#: for the students (:attr:`~kdcache.models.base.PotentialModel.fast_kernels_threaded` False).
 #: With more than one they accumulate every scatter (index_add: each message-passing
 #: aggregation) through atomic float adds, and a gather-multiply-scatter of PaiNN-small's size
 #: ran 8x slower on 2 threads than on 1 (43 vs 5 ms; the whole model ran slower on 2 threads
 #: than on 1). One thread for them; matrix products are ATen's (extern kernels) and keep all of
-#: torch's intra-op threads. (CPU only: the setting does not touch CUDA code.)
+#: torch's intra-op threads. (CPU only: the setting does not touch CUDA code.) GemNet-OC's
+#: generated kernels are mostly padded fills, without atomics: they take all threads (at 2
+#: threads 1.52x the eager path against 1.17x on one; its quadruplet sum is then padded, see
+#: :meth:`~kdcache.models.gemnet_oc.model.GemNetOC.fast_graph`).
 GENERATED_KERNEL_THREADS = 1
 
 #: one compiled entry per model instance, gradient mode and size regime, all of the same kernel
@@ -134,18 +138,21 @@ class FastPath:
 
     Args:
         precision: ``"float32"``, ``"tf32"`` or ``"bf16"`` (module docstring: tolerances).
+        kernel_threads: threads of the generated CPU kernels (:data:`GENERATED_KERNEL_THREADS`),
+            fixed in the compiled code.
     """
 
-    def __init__(self, precision: str = "float32") -> None:
+    def __init__(self, precision: str = "float32", kernel_threads: int = GENERATED_KERNEL_THREADS) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.precision = precision
+        self.kernel_threads = int(kernel_threads)
         self.compiled_calls = 0  # forwards that ran the compiled body
         self.eager_calls = 0  # forwards too small for it (see _tiny), run eagerly
         inductor_cache_dir()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.kernel = torch.compile(_kernel, dynamic=True, fullgraph=True,
-                                    options={"cpp.threads": GENERATED_KERNEL_THREADS})
+                                    options={"cpp.threads": self.kernel_threads})
 
     def __deepcopy__(self, memo) -> "FastPath":
         return self
@@ -228,7 +235,9 @@ def fast_model(model: PotentialModel, precision: str = "float32") -> PotentialMo
     if model.fast_path is not None and model.fast_path.precision == precision:
         return model
     view = copy.copy(model)  # new attribute dict; _modules/_parameters/_buffers shared
-    view.fast_path = FastPath(precision)
+    # threaded kernels: torch's threads now, fixed in the compiled code (and in its cache key)
+    threads = torch.get_num_threads() if model.fast_kernels_threaded else GENERATED_KERNEL_THREADS
+    view.fast_path = FastPath(precision, threads)
     return view
 
 

@@ -18,6 +18,10 @@ TARGET_NEIGHBOR_IDX = "target_neighbor_idx"
 #: Key of a GemNet-OC graph dict / index dict: the padded width (python int, ``max + 1``) of its
 #: :data:`TARGET_NEIGHBOR_IDX` / ``out_agg``, so the model's body sizes tensors without a host sync.
 PAD_WIDTH = "pad_width"
+#: Key of a GemNet-OC index dict (the compiled path's, :meth:`GemNetOC.fast_graph`): ``True``
+#: where its bilinear sum runs over the triplets/quadruplets themselves, not a padded matrix
+#: (:class:`~kdcache.models.gemnet_oc.layers.RaggedBasis`).
+RAGGED = "ragged"
 
 
 def inner_size(inner: torch.Tensor) -> int:

@@ -8,6 +8,7 @@ Parameter names (``linear.weight``, ``dense_mlp``, ``scale_factor``, ``embedding
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -151,6 +152,20 @@ def _padded(values: torch.Tensor, outer: torch.Tensor, inner: torch.Tensor, rows
     return out
 
 
+class RaggedBasis(NamedTuple):
+    """A bilinear basis without padding, for :class:`EfficientInteractionBilinear`: the compiled
+    path's layout where the padded one is mostly zeros (quadruplets: the padded width is the most
+    quadruplets of any edge, several times their mean). Same sums, in another order.
+
+    Attributes:
+        rad: ``[E, interm, S]`` the projected radial part (as in the padded layout).
+        sph: ``[T, S]`` the angular part of each triplet/quadruplet, unpadded.
+    """
+
+    rad: torch.Tensor
+    sph: torch.Tensor
+
+
 class BasisEmbedding(nn.Module):
     """Project a raw basis onto an intermediate width, shared across interaction blocks.
 
@@ -183,17 +198,22 @@ class BasisEmbedding(nn.Module):
         num_atoms: int | None = None,
         rad_inner_size: int | None = None,
         sph_inner_size: int | None = None,
+        ragged: bool = False,
     ):
         """Returns the projected radial part, optionally combined with the angular part.
 
         ``rad_inner_size`` / ``sph_inner_size``: ``max + 1`` of ``idx_rad_inner`` / ``idx_sph_inner``
-        (the padded widths; computed, with a host sync, when not given).
+        (the padded widths; computed, with a host sync, when not given). ``ragged`` (with
+        ``idx_sph_inner``, without ``idx_rad_inner``): a :class:`RaggedBasis` instead of the padded
+        pair, the angular part left per triplet.
 
         - radial only: ``[E, emb]``, or per atom ``[A, emb, K]`` with ``idx_rad_*``;
         - ``sph_basis`` and ``idx_sph_outer`` only: the per-triplet product ``[T, emb]``;
         - with ``idx_sph_inner``: ``(rad [E or A, emb, (K·)num_spherical], sph [E, num_spherical, K])``
           for :class:`EfficientInteractionBilinear`.
         """
+        if ragged and (idx_rad_inner is not None or idx_sph_inner is None):
+            raise ValueError("a ragged basis needs idx_sph_inner and has no per-atom radial part (idx_rad_inner)")
         n_edges = rad_basis.shape[0]
         if self.num_spherical is not None:
             # explicit width, not -1: an empty edge set (a molecule has no quadruplet edges) has
@@ -212,6 +232,8 @@ class BasisEmbedding(nn.Module):
             return rad
         if idx_sph_inner is None:
             return (rad[idx_sph_outer] @ sph_basis[:, :, None]).squeeze(-1)
+        if ragged:
+            return RaggedBasis(rad, sph_basis)
         sph = _padded(sph_basis, idx_sph_outer, idx_sph_inner, n_edges, sph_inner_size).transpose(1, 2)
         return rad, sph
 
@@ -242,6 +264,17 @@ class EfficientInteractionBilinear(nn.Module):
         idx_agg2_inner: torch.Tensor | None = None,
         agg2_out_size: int | None = None,
     ) -> torch.Tensor:
+        if isinstance(basis, RaggedBasis):
+            if idx_agg2_outer is not None:
+                raise ValueError("a ragged basis has no second aggregation (idx_agg2_outer)")
+            rad = basis.rad
+            # Σ over each edge's triplets of sph ⊗ m, without the padded [E, K, in] matrix (the
+            # outer product is fused into the scatter when compiled); the basis and the messages
+            # share their outer index
+            sph_m = m.new_zeros(rad.shape[0], basis.sph.shape[1], m.shape[1]).index_add_(
+                0, idx_agg_outer, basis.sph[:, :, None] * m[:, None, :])  # [E, S, in]
+            out = rad @ sph_m  # [E, interm, in]
+            return self.bilinear(out.reshape(-1, out.shape[1] * out.shape[2]))
         rad, sph = basis  # [E, interm, S] (or per atom [A, interm, K2·S]), [E, S, K]
         # the padded widths K and K2 are those of the basis (same indices), known without a sync
         m_padded = _padded(m, idx_agg_outer, idx_agg_inner, sph.shape[0], sph.shape[2])  # [E, K, in]
