@@ -25,7 +25,8 @@ whose forward runs:
 The eager model stays the reference: outputs agree to float32 round-off, about 1e-6 of the largest
 value of each output (``tests/models/test_fast.py``).
 
-Compilation: one compiled graph per model, gradient mode (inference / training) and dtype; every
+Compilation: one compiled graph per model, gradient mode (inference / training), dtype and thread
+count of the generated kernels (:data:`GENERATED_KERNEL_THREADS`); every
 feature is computed whatever the request (the students compute them anyway). Atom, edge, triplet
 and structure counts are symbolic, so a new batch reuses it, with two exceptions: sizes 0 and 1
 would specialise it (such graphs — a single atom, no quadruplets — run eagerly), and inductor picks
