@@ -83,8 +83,8 @@ def image_repetitions(
         pbc: ``[S, 3]`` bool.
         natoms: ``[S]`` atoms per structure.
         cutoff: radius in Å.
-        lattice_planes: :func:`lattice_planes` of ``cell`` and ``pbc``, when the caller keeps it
-            (a :class:`NeighborList`: the cell is fixed between its builds).
+        lattice_planes: ``_lattice_planes(cell, pbc)``, when the caller keeps it (a
+            :class:`NeighborList`: the cell is fixed between its builds).
 
     Returns:
         ``[S, 3]`` long, zero along non-periodic directions.

@@ -445,8 +445,10 @@ class GemNetOC(PotentialModel):
         padding is ~1.2x, where the padded batched matmul is the faster way. Why one thread
         alone: the ragged sum is a scatter-add, atomic on more threads (measured on 2 OC20-like
         batches, eager / fast: padded 1.39x, ragged 1.53x on one thread; on two threads padded
-        1.52x, ragged 0.29x)."""
-        if not self.quad_interaction or self.fast_path is None or self.fast_path.kernel_threads != 1:
+        1.52x, ragged 0.29x). CPU only: on CUDA scatter-adds are atomic too, and the reference's
+        padded layout, written for GPUs, stays (not measured there)."""
+        one_thread = self.fast_path is not None and self.fast_path.kernel_threads == 1
+        if not self.quad_interaction or not one_thread or inputs.pos.device.type != "cpu":
             return graph
         return {**graph, "quad_idx": {**graph["quad_idx"], RAGGED: True}}
 
