@@ -18,6 +18,7 @@ difference in physics shows.
     python benchmarks/md_today.py                                   # SchNet, pyrazine dimer, 1 thread
     python benchmarks/md_today.py --presets schnet painn-small --structures slab molecule --threads 1 2
     python benchmarks/md_today.py --today 3847b25 --now fast --json
+    python benchmarks/md_today.py --today HEAD --today-fast          # a change to the fast path, A/B
 
 ``--now``: ``fast`` (this checkout's ``KDCacheCalculator(model, fast=True)``, its default skin) or
 ``eager`` (this checkout's eager calculator with ``skin=0``, the baseline of model_throughput.py;
@@ -67,6 +68,8 @@ def _worker(root: str, way: str, preset: str, start_file: str, threads: int, wei
     model.eval()
     if way == "today":
         calc = KDCacheCalculator(model)  # the calculator's defaults at that revision
+    elif way == "today-fast":
+        calc = KDCacheCalculator(model, fast=True)  # the revision's compiled path
     elif way == "eager":
         calc = KDCacheCalculator(model, fast=False, skin=0.0)
     else:
@@ -192,7 +195,7 @@ def compare(preset: str, structure: str, threads: int, args, today_root: Path, t
     weights, start = tmp / f"{preset}-{structure}.pt", tmp / f"{structure}.json"
     _weights(preset, atoms, weights)
     _save_start(atoms, start)
-    workers = {"today": Worker(today_root, "today", preset, start, threads, weights),
+    workers = {"today": Worker(today_root, "today-fast" if args.today_fast else "today", preset, start, threads, weights),
                args.now: Worker(REPO, args.now, preset, start, threads, weights)}
     try:
         # warm-up (the fast path compiles here), then the positions after it, way against way
@@ -228,6 +231,9 @@ def main(argv=None) -> None:
         return _worker(root, way, preset, start, int(threads), weights)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--today", default=TODAY, help=f"git revision whose calculator is 'today' (default {TODAY})")
+    p.add_argument("--today-fast", action="store_true",
+                   help="the revision's compiled path (fast=True) instead of its default calculator: "
+                        "two versions of the fast path, A/B")
     p.add_argument("--now", choices=("fast", "eager"), default="fast", help="this checkout's way (default fast)")
     p.add_argument("--presets", nargs="+", default=["schnet"])
     p.add_argument("--structures", nargs="+", choices=("slab", "molecule"), default=["molecule"])

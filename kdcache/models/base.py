@@ -230,6 +230,9 @@ class PotentialModel(nn.Module):
     #: (False: message passing by scatter-adds, which inductor makes atomic on more threads; see
     #: :data:`kdcache.models.fast.GENERATED_KERNEL_THREADS`)
     fast_kernels_threaded: bool = False
+    #: inductor options of this architecture's compiled body, on top of the fast path's own
+    #: (:class:`kdcache.models.fast.FastPath`); part of the compile-cache key
+    fast_inductor_options: dict = {}
 
     def __init__(self) -> None:
         super().__init__()

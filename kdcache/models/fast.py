@@ -141,9 +141,12 @@ class FastPath:
         precision: ``"float32"``, ``"tf32"`` or ``"bf16"`` (module docstring: tolerances).
         kernel_threads: threads of the generated CPU kernels (:data:`GENERATED_KERNEL_THREADS`),
             fixed in the compiled code.
+        inductor_options: more inductor options (the model's
+            :attr:`~kdcache.models.base.PotentialModel.fast_inductor_options`).
     """
 
-    def __init__(self, precision: str = "float32", kernel_threads: int = GENERATED_KERNEL_THREADS) -> None:
+    def __init__(self, precision: str = "float32", kernel_threads: int = GENERATED_KERNEL_THREADS,
+                 inductor_options: dict | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.precision = precision
@@ -152,8 +155,9 @@ class FastPath:
         self.eager_calls = 0  # forwards too small for it (see _tiny), run eagerly
         inductor_cache_dir()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self.inductor_options = dict(inductor_options or {})
         self.kernel = torch.compile(_kernel, dynamic=True, fullgraph=True,
-                                    options={"cpp.threads": self.kernel_threads})
+                                    options={"cpp.threads": self.kernel_threads, **self.inductor_options})
 
     def __deepcopy__(self, memo) -> "FastPath":
         return self
@@ -238,7 +242,7 @@ def fast_model(model: PotentialModel, precision: str = "float32") -> PotentialMo
     view = copy.copy(model)  # new attribute dict; _modules/_parameters/_buffers shared
     # threaded kernels: torch's threads now, fixed in the compiled code (and in its cache key)
     threads = torch.get_num_threads() if model.fast_kernels_threaded else GENERATED_KERNEL_THREADS
-    view.fast_path = FastPath(precision, threads)
+    view.fast_path = FastPath(precision, threads, model.fast_inductor_options)
     return view
 
 
