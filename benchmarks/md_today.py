@@ -229,6 +229,7 @@ def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         root, way, preset, start, threads, weights = sys.argv[2:8]
         return _worker(root, way, preset, start, int(threads), weights)
+    sys.path.insert(0, str(REPO))  # the driver (weights, structures) runs this checkout's code
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--today", default=TODAY, help=f"git revision whose calculator is 'today' (default {TODAY})")
     p.add_argument("--today-fast", action="store_true",
@@ -242,6 +243,11 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=6, help="timed blocks per way, interleaved (default 6)")
     p.add_argument("--json", action="store_true", help="print one JSON object per comparison")
     args = p.parse_args(argv)
+    from kdcache.models.presets import PRESETS
+
+    unknown = [n for n in args.presets if n not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
     with tempfile.TemporaryDirectory(prefix="kdcache-today-") as tmp:
         tmp = Path(tmp)
         today_root = tmp / "today"
