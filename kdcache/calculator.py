@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, all_changes, equal
 from ase.constraints import FixAtoms
 from torch_geometric.data import Batch, Data
 
@@ -122,6 +122,34 @@ class KDCacheCalculator(Calculator):
             pos, _ = _checked(self.atoms)
             self._batch[K.POSITIONS] = torch.tensor(pos, dtype=self.dtype, device=self.device)
         return self._batch
+
+    def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's :meth:`~ase.calculators.calculator.Calculator.check_state`, the same answer faster.
+
+        Why: ASE compares six properties with ``np.isclose`` at every property request, three
+        times per MD step, about 0.16 ms each: 0.5 ms of a 4-20 ms student step. Here the
+        properties bitwise equal to the last call's are skipped (ASE would call them equal too),
+        moved positions go through ASE's own ``equal``, and anything else that changed (atoms
+        added, new cell, charges) gets ASE's full comparison.
+        """
+        prev = self.atoms
+        if prev is None or self.ignored_changes:
+            return super().check_state(atoms, tol)
+        if not (np.array_equal(prev.cell.array, atoms.cell.array) and np.array_equal(prev.pbc, atoms.pbc)):
+            return super().check_state(atoms, tol)
+        checked = set(all_changes) - {"cell", "pbc"}
+        if (set(prev.arrays) ^ set(atoms.arrays)) & checked:
+            return super().check_state(atoms, tol)
+        changes = []
+        for prop in sorted(checked & set(prev.arrays)):
+            a, b = prev.arrays[prop], atoms.arrays[prop]
+            if a.shape == b.shape and np.array_equal(a, b):
+                continue
+            if prop != "positions" or a.shape != b.shape:
+                return super().check_state(atoms, tol)
+            if not equal(a, b, atol=tol):
+                changes.append(prop)
+        return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)

@@ -145,3 +145,50 @@ def test_fast_calculator_matches_eager_along_md():
         assert calc.model.fast_path is not None and model.fast_path is None
         np.testing.assert_allclose(e_fast, e_ref, rtol=0, atol=2e-5 * max(1.0, np.abs(e_ref).max()))
         np.testing.assert_allclose(f_fast, f_ref, rtol=0, atol=2e-5 * max(1.0, np.abs(f_ref).max()))
+
+
+def _moved(a):
+    a.positions[3, 1] += 1e-3
+
+
+def _numbers(a):
+    a.numbers[0] = 7 if a.numbers[0] != 7 else 6
+
+
+def _cell(a):
+    a.cell = [12.0, 12.0, 12.0]
+
+
+def _pbc(a):
+    a.pbc = [True, True, False]
+
+
+def _charges(a):
+    a.set_initial_charges(np.linspace(-1, 1, len(a)))
+
+
+def _extra_atom(a):
+    a.extend(a[:1])
+
+
+def _momenta(a):  # not a system change for ASE
+    a.set_momenta(np.ones((len(a), 3)))
+
+
+def _below_tol(a):  # within ASE's tolerance: no change
+    a.positions[0, 0] += 1e-17
+
+
+@pytest.mark.parametrize("change", [None, _moved, _numbers, _cell, _pbc, _charges, _extra_atom, _momenta,
+                                    _below_tol, lambda a: (_moved(a), _numbers(a))])
+def test_check_state_answers_as_ase(change):
+    """The calculator's quick check_state reports what ASE's compare_atoms reports."""
+    from ase.calculators.calculator import compare_atoms
+
+    calc = KDCacheCalculator(build_preset("schnet-tiny"))
+    start = molecule("CH3CH2OH")
+    calc.atoms = start.copy()
+    now = start.copy()
+    if change is not None:
+        change(now)
+    assert sorted(calc.check_state(now)) == sorted(compare_atoms(calc.atoms, now))
