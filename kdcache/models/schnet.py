@@ -118,10 +118,10 @@ class SchNet(PotentialModel):
     available_features = (K.NODE,)
     # Inductor inlines a cheap pointwise result into each kernel that reads it, and on the CPU it
     # realises a shared one only when it holds exp/log/tanh or more ops than this threshold (30 by
-    # default). The cosine cutoff (sqrt, cos: per pair) was thus recomputed, in scalar code, in
-    # every 16-channel chunk of the per-edge message kernels. Threshold 4 makes such results
-    # buffers: 1.02-1.11x per inference (slab and molecule, 1 and 2 threads); PaiNN got slower
-    # with it (0.86-0.96x), so it is SchNet's alone.
+    # default). The edge lengths (a square root per pair) were thus recomputed, in scalar code, in
+    # every 16-channel chunk of the per-edge message kernels. Threshold 4 makes them a buffer (the
+    # cosine cutoff stays inlined): 1.02-1.11x per inference (slab and molecule, 1 and 2
+    # threads); PaiNN got slower with it (0.86-0.96x), so it is SchNet's alone.
     fast_inductor_options = {"realize_opcount_threshold": 4}
 
     def __init__(
