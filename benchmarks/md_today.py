@@ -43,10 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 #: and the neighbour list to it): the calculator the issue measured as "today"
 TODAY = "3847b25"
 
-MD_TEMPERATURE_K = 300.0
-MD_RMS_FORCE = 0.5  # eV/Å on the free atoms of the start structure, as model_throughput.py
-
-
 # --- worker: runs in a process whose ``kdcache`` is one code version ------------------------------
 
 def _worker(root: str, way: str, preset: str, start_file: str, threads: int, weights: str) -> None:
@@ -101,30 +97,28 @@ def _load_start(path: str):
     return atoms, np.asarray(d["velocities"], dtype=np.float64)
 
 
+def _benchmark():
+    """model_throughput.py (this checkout's): its MD structures, start velocities and force scale."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import model_throughput
+
+    return model_throughput
+
+
 def _structures() -> dict:
     """The MD structures of model_throughput.py (this checkout's code builds them for both ways)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from model_throughput import md_structures
-
-    return {label.split("-")[0]: atoms for label, atoms in md_structures().items()}
+    return {label.split("-")[0]: atoms for label, atoms in _benchmark().md_structures().items()}
 
 
 def _save_start(atoms, path: Path) -> None:
-    """``atoms`` with Maxwell-Boltzmann velocities at MD_TEMPERATURE_K (seed 0) as JSON."""
-    import numpy as np
-    from ase import units
+    """``atoms`` with model_throughput.py's start velocities, as JSON."""
     from ase.constraints import FixAtoms
 
-    start = atoms.copy()
-    masses = start.get_masses()[:, None]
-    # by hand: ASE renamed its helper across the versions we accept; FixAtoms zeroes the held ones
-    start.set_momenta(np.random.default_rng(0).standard_normal((len(start), 3))
-                      * np.sqrt(masses * units.kB * MD_TEMPERATURE_K))
-    fixed = sorted(int(i) for c in start.constraints if isinstance(c, FixAtoms) for i in c.get_indices())
+    fixed = sorted(int(i) for c in atoms.constraints if isinstance(c, FixAtoms) for i in c.get_indices())
     path.write_text(json.dumps({
-        "numbers": start.numbers.tolist(), "positions": start.positions.tolist(),
-        "cell": start.cell.array.tolist(), "pbc": start.pbc.tolist(), "tags": start.get_tags().tolist(),
-        "fixed": fixed, "velocities": start.get_velocities().tolist()}))
+        "numbers": atoms.numbers.tolist(), "positions": atoms.positions.tolist(),
+        "cell": atoms.cell.array.tolist(), "pbc": atoms.pbc.tolist(), "tags": atoms.get_tags().tolist(),
+        "fixed": fixed, "velocities": _benchmark().md_velocities(atoms).tolist()}))
 
 
 # --- driver -------------------------------------------------------------------------------------
@@ -157,23 +151,14 @@ class Worker:
 
 
 def _weights(preset: str, atoms, path: Path) -> None:
-    """Random weights of ``preset`` (seed 0), normaliser scaled to MD_RMS_FORCE, saved to ``path``."""
+    """Random weights of ``preset`` (seed 0), normaliser scaled as model_throughput.py's MD, saved to ``path``."""
     import torch
 
-    from kdcache import keys as K
-    from kdcache.calculator import atoms_to_batch
-    from kdcache.models.base import Normalizer
     from kdcache.models.presets import build_preset
 
     torch.manual_seed(0)
     model = build_preset(preset).eval()
-    batch = atoms_to_batch(atoms, dtype=model.param_dtype)
-    with torch.no_grad():
-        forces = model.predict(batch)[K.FORCES].double()
-    free = ~batch[K.FIXED]
-    rms = float(forces[free].pow(2).sum(-1).mean().sqrt())
-    scale = MD_RMS_FORCE / rms if rms > 0 else 1.0
-    model.normalizer = Normalizer(0.0, scale, scale)
+    _benchmark()._scaled_for_md(model, atoms)
     torch.save(model.state_dict(), path)
 
 

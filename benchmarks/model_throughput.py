@@ -272,6 +272,18 @@ def _scaled_for_md(model, atoms) -> None:
     model.normalizer = Normalizer(0.0, scale, scale).to(next(model.parameters()).device)
 
 
+def md_velocities(atoms) -> np.ndarray:
+    """Maxwell-Boltzmann velocities of ``atoms`` at MD_TEMPERATURE_K (seed 0; FixAtoms zeroes the
+    held ones), by hand: ASE renamed its helper across the versions we accept."""
+    from ase import units
+
+    start = atoms.copy()
+    masses = start.get_masses()[:, None]
+    start.set_momenta(np.random.default_rng(0).standard_normal((len(start), 3))
+                      * np.sqrt(masses * units.kB * MD_TEMPERATURE_K))
+    return start.get_velocities()
+
+
 def bench_md(name: str, label: str, atoms0, args, device, dtype) -> dict:
     """VelocityVerlet steps/s through the ASE calculator: today's (eager, no reuse) vs fast."""
     from ase import units
@@ -282,12 +294,7 @@ def bench_md(name: str, label: str, atoms0, args, device, dtype) -> dict:
     fast_kwargs = {} if args.skin is None else {"skin": args.skin}
     calcs = {"today": KDCacheCalculator(copy.deepcopy(model), device=device, fast=False, skin=0.0),
              "fast": KDCacheCalculator(copy.deepcopy(model), device=device, fast=True, **fast_kwargs)}
-    # Maxwell-Boltzmann momenta, by hand: ASE renamed its helper across the versions we accept
-    start = atoms0.copy()
-    masses = start.get_masses()[:, None]
-    start.set_momenta(np.random.default_rng(0).standard_normal((len(start), 3))
-                      * np.sqrt(masses * units.kB * MD_TEMPERATURE_K))  # FixAtoms zeroes the held ones
-    velocities = start.get_velocities()
+    velocities = md_velocities(atoms0)
 
     def block(way: str, steps: int):
         atoms = atoms0.copy()
