@@ -166,6 +166,24 @@ class RaggedBasis(NamedTuple):
     sph: torch.Tensor
 
 
+class BucketedBasis(NamedTuple):
+    """A bilinear basis padded per bucket of edges, for :class:`EfficientInteractionBilinear`:
+    the compiled path's layout where one padded matrix would be mostly zeros (quadruplets on
+    more than one generated-kernel thread, where the ragged sum's scatter-add is atomic). Same
+    sums, over matrices padded to each bucket's largest count
+    (:func:`~kdcache.models.gemnet_oc.indices.edge_buckets`).
+
+    Attributes:
+        rad: ``[E, interm, S]`` the projected radial part (as in the padded layout).
+        sph: per bucket ``[E_b, S, K_b]``, the angular part padded to the bucket's width.
+        buckets: the :func:`~kdcache.models.gemnet_oc.indices.edge_buckets` dict.
+    """
+
+    rad: torch.Tensor
+    sph: tuple
+    buckets: dict
+
+
 class BasisEmbedding(nn.Module):
     """Project a raw basis onto an intermediate width, shared across interaction blocks.
 
@@ -199,21 +217,25 @@ class BasisEmbedding(nn.Module):
         rad_inner_size: int | None = None,
         sph_inner_size: int | None = None,
         ragged: bool = False,
+        buckets: dict | None = None,
     ):
         """Returns the projected radial part, optionally combined with the angular part.
 
         ``rad_inner_size`` / ``sph_inner_size``: ``max + 1`` of ``idx_rad_inner`` / ``idx_sph_inner``
         (the padded widths; computed, with a host sync, when not given). ``ragged`` (with
         ``idx_sph_inner``, without ``idx_rad_inner``): a :class:`RaggedBasis` instead of the padded
-        pair, the angular part left per triplet.
+        pair, the angular part left per triplet. ``buckets`` (likewise; an
+        :func:`~kdcache.models.gemnet_oc.indices.edge_buckets` dict of ``idx_sph_outer``): a
+        :class:`BucketedBasis`, the angular part padded per bucket.
 
         - radial only: ``[E, emb]``, or per atom ``[A, emb, K]`` with ``idx_rad_*``;
         - ``sph_basis`` and ``idx_sph_outer`` only: the per-triplet product ``[T, emb]``;
         - with ``idx_sph_inner``: ``(rad [E or A, emb, (K·)num_spherical], sph [E, num_spherical, K])``
           for :class:`EfficientInteractionBilinear`.
         """
-        if ragged and (idx_rad_inner is not None or idx_sph_inner is None):
-            raise ValueError("a ragged basis needs idx_sph_inner and has no per-atom radial part (idx_rad_inner)")
+        if (ragged or buckets is not None) and (idx_rad_inner is not None or idx_sph_inner is None):
+            raise ValueError("a ragged or bucketed basis needs idx_sph_inner and has no per-atom radial "
+                             "part (idx_rad_inner)")
         n_edges = rad_basis.shape[0]
         if self.num_spherical is not None:
             # explicit width, not -1: an empty edge set (a molecule has no quadruplet edges) has
@@ -234,6 +256,12 @@ class BasisEmbedding(nn.Module):
             return (rad[idx_sph_outer] @ sph_basis[:, :, None]).squeeze(-1)
         if ragged:
             return RaggedBasis(rad, sph_basis)
+        if buckets is not None:
+            sph = tuple(
+                _padded(sph_basis[elements], rows, inner, edges.shape[0], width).transpose(1, 2)
+                for edges, elements, rows, inner, width in zip(
+                    buckets["edges"], buckets["elements"], buckets["rows"], buckets["inner"], buckets["widths"]))
+            return BucketedBasis(rad, sph, buckets)
         sph = _padded(sph_basis, idx_sph_outer, idx_sph_inner, n_edges, sph_inner_size).transpose(1, 2)
         return rad, sph
 
@@ -275,6 +303,18 @@ class EfficientInteractionBilinear(nn.Module):
                 0, idx_agg_outer, basis.sph[:, :, None] * m[:, None, :])  # [E, S, in]
             out = rad @ sph_m  # [E, interm, in]
             return self.bilinear(out.reshape(-1, out.shape[1] * out.shape[2]))
+        if isinstance(basis, BucketedBasis):
+            if idx_agg2_outer is not None:
+                raise ValueError("a bucketed basis has no second aggregation (idx_agg2_outer)")
+            buckets = basis.buckets
+            # row 0: an edge that sums nothing (the bilinear map of zeros)
+            parts = [self.bilinear(m.new_zeros(1, self.emb_size_in * self.emb_size_interm))]
+            for sph, edges, elements, rows, inner in zip(
+                    basis.sph, buckets["edges"], buckets["elements"], buckets["rows"], buckets["inner"]):
+                m_padded = _padded(m[elements], rows, inner, sph.shape[0], sph.shape[2])  # [E_b, K_b, in]
+                out = basis.rad[edges] @ (sph @ m_padded)  # [E_b, interm, in]
+                parts.append(self.bilinear(out.reshape(-1, out.shape[1] * out.shape[2])))
+            return torch.cat(parts)[buckets["gather"]]
         rad, sph = basis  # [E, interm, S] (or per atom [A, interm, K2·S]), [E, S, K]
         # the padded widths K and K2 are those of the basis (same indices), known without a sync
         m_padded = _padded(m, idx_agg_outer, idx_agg_inner, sph.shape[0], sph.shape[2])  # [E, K, in]
