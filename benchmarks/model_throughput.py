@@ -404,13 +404,15 @@ def table(results: list[dict]) -> str:
 
 
 def _header(argv: list[str], dtype, device) -> str:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    # kdcache's (inductor_cache_dir): torch's own cache_dir() names torch's default until the
+    # first fast model points inductor at kdcache's directory
+    from kdcache.models.fast import inductor_cache_dir
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (f"# command: python benchmarks/model_throughput.py {shlex.join(argv)}\n"
             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {str(dtype).replace('torch.', '')}, "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load}\n"
-            f"# inductor cache: {cache_dir()}")
+            f"# inductor cache: {inductor_cache_dir()}")
 
 
 def parse_args(argv):

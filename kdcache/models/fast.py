@@ -77,7 +77,8 @@ PRECISIONS = ("float32", "tf32", "bf16")
 #: than on 1). One thread for them; matrix products are ATen's (extern kernels) and keep all of
 #: torch's intra-op threads. (CPU only: the setting does not touch CUDA code.) GemNet-OC's
 #: generated kernels are mostly padded fills, without atomics: they take all threads (at 2
-#: threads 1.52x the eager path against 1.17x on one; its quadruplet sum is then padded, see
+#: threads 1.52x the eager path against 1.17x on one); there its quadruplet sum runs over
+#: buckets of edges, on one thread over the quadruplets, see
 #: :meth:`~kdcache.models.gemnet_oc.model.GemNetOC.fast_graph`).
 GENERATED_KERNEL_THREADS = 1
 
