@@ -452,9 +452,10 @@ class GemNetOC(PotentialModel):
           edges with similar counts, padded 1.2-1.3x
           (:data:`~kdcache.models.gemnet_oc.indices.BUCKETS`).
 
-        Measured on 2 OC20-like batches, eager / fast, in one process: one thread, ragged 1.62x,
-        bucketed 1.46x, padded 1.39x; two threads, bucketed 1.42x and 1.48x (4 and 8 buckets)
-        against padded 1.19x and 1.25x in the same runs. The triplets' padding is ~1.2x: their
+        Measured on 2 OC20-like batches, eager / fast, in one process: one thread, ragged 1.62x
+        against bucketed 1.46x (an earlier run: ragged 1.53x, padded 1.39x); two threads,
+        bucketed 1.42x and 1.48x (4 and 8 buckets) against padded 1.19x and 1.25x in the same
+        runs (docs/benchmarks-models.md). The triplets' padding is ~1.2x: their
         padded layout stays. CUDA keeps the reference layout (not measured there).
         """
         if not self.quad_interaction or self.fast_path is None or inputs.pos.device.type != "cpu":
