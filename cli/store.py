@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from kdcache import keys as K
-from kdcache.settings import field_help
+from kdcache.settings import field_help, is_switch_or_auto
 from kdcache.store import format as F
 from kdcache.store.request import ExtractRequest, option_name
 
@@ -44,6 +44,8 @@ def _option(setting: str, *decls: str, help: str | None = None, metavar: str | N
     description and allowed values as help (the schema says them once)."""
     info = ExtractRequest.model_fields[setting]
     default = ... if info.is_required() else info.default
+    if is_switch_or_auto(info.annotation):
+        default = None  # neither --x nor --no-x: auto
     return typer.Option(default, *(decls or (option_name(setting),)), help=help or field_help(info), show_default=False,
                         metavar=metavar)
 
@@ -69,7 +71,7 @@ def extract(
     teacher_dtype: str = _option("teacher_dtype"),
     workers: int = _option("workers"),
     hessian_probes: int = _option("hessian_probes"),
-    fast: bool = _option("fast", "--fast/--no-fast"),
+    fast: Optional[bool] = _option("fast", "--fast/--no-fast"),
     feature_modules: Optional[list[str]] = _option("feature_modules", metavar="KEY=PATH"),
 ):
     """Stage one: run a teacher once over a dataset into a Zarr feature store.
@@ -92,7 +94,7 @@ def extract(
         label_dtype=label_dtype, codec=codec, batch_size=batch_size, device=device, limit=limit,
         shard_atoms=shard_atoms, chunk_atoms=chunk_atoms, overwrite=overwrite, seed=seed, progress=progress,
         teacher_dtype=teacher_dtype, workers=workers, hessian_probes=hessian_probes, feature_modules=feature_modules,
-        fast=fast))
+        fast="auto" if fast is None else fast))
     if res.rank == 0:
         typer.echo(
             f"{res.path}: {res.num_samples} samples; {res.groups_written} group(s) written by rank 0 in "

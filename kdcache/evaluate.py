@@ -14,6 +14,7 @@ a ``NumericalError`` naming the samples.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from kdcache import keys as K
 from kdcache.data.batch import LABELS, non_finite_error, sample_file
-from kdcache.errors import NumericalError
+from kdcache.errors import ConfigError, NumericalError
 
 EFWT_ENERGY = 0.02  # eV
 EFWT_FORCE = 0.03  # eV/Å
@@ -118,10 +119,7 @@ def evaluate_model(model, loader, device: torch.device | str | None = None, prog
     untimed = 1 if getattr(model, "fast_path", None) is not None else 0
     try:
         for batch in it:
-            batch = batch.to(device)
-            for key in (K.POSITIONS, K.CELL):
-                if batch[key].is_floating_point() and batch[key].dtype != dtype:
-                    batch[key] = batch[key].to(dtype)
+            batch = _on_device(batch, device, dtype)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
@@ -179,7 +177,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu", fast:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: int = 16, device: str | None = None,
-                        num_workers: int = 0, progress: bool = False, fast: bool = False) -> dict[str, float]:
+                        num_workers: int = 0, progress: bool = False, fast: bool | str = "auto") -> dict[str, float]:
     """Metrics of a checkpoint on a dataset (see the module docstring).
 
     Args:
@@ -190,17 +188,47 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: in
         num_workers: data-loader workers.
         progress: show a progress bar.
         fast: run the compiled path (:mod:`kdcache.models.fast`; its first batch, which
-            compiles, is left out of the throughput).
+            compiles, is left out of the throughput); ``"auto"``: where the dataset is large
+            enough for it to pay (:mod:`kdcache.models.fast_auto`; the choice is printed to
+            stderr and returned as ``fast``).
     """
     from kdcache.data import open_dataset
+    from kdcache.models.fast_auto import AUTO, decide_fast, eager_batch_seconds
     from kdcache.train.data import LabelledLoader
     from kdcache.distributed import pick_device
 
     dev = pick_device(device)
-    model = load_model(checkpoint, dev, fast=fast)
+    model = load_model(checkpoint, dev)
     dataset = open_dataset(data)
     loader = LabelledLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    return evaluate_model(model, loader, dev, progress=progress).result()
+
+    def time_batch() -> float:
+        first = LabelledLoader(torch.utils.data.Subset(dataset, range(min(batch_size, len(dataset)))),
+                               batch_size=batch_size, shuffle=False)
+        batch = _on_device(next(iter(first)), dev, next(model.parameters()).dtype)
+        model.eval()
+        return eager_batch_seconds(lambda: _predict(model, batch), dev)
+
+    decision = decide_fast(fast, model, "inference", len(loader), dev, time_batch)
+    if fast == AUTO and not decision.quiet:
+        print(f"eval: {decision.describe()}", file=sys.stderr)
+    if decision.fast:
+        from kdcache.models.fast import fast_model
+
+        try:
+            model = fast_model(model)
+        except TypeError as exc:
+            raise ConfigError(f"--fast: {exc}") from None
+    return {**evaluate_model(model, loader, dev, progress=progress).result(), "fast": decision.fast}
+
+
+def _on_device(batch, device: torch.device, dtype: torch.dtype):
+    """A batch on ``device``, its positions and cell in the model's ``dtype``."""
+    batch = batch.to(device)
+    for key in (K.POSITIONS, K.CELL):
+        if batch[key].is_floating_point() and batch[key].dtype != dtype:
+            batch[key] = batch[key].to(dtype)
+    return batch
 
 
 def inference_throughput(checkpoints: dict[str, str | Path], data: str | Path, batch_size: int = 16,
@@ -250,6 +278,8 @@ def format_table(metrics: dict[str, float]) -> str:
         ("throughput", f"{metrics['samples_per_s']:.1f}", "samples/s"),
         ("structures", f"{int(metrics.get('num_samples', 0))}", ""),
     ]
+    if "fast" in metrics:
+        rows.append(("compiled path", "yes" if metrics["fast"] else "no", ""))
     w = max(len(r[0]) for r in rows)
     v = max(len(r[1]) for r in rows)
     return "\n".join(f"{name:<{w}}  {val:>{v}} {unit}".rstrip() for name, val, unit in rows)

@@ -91,6 +91,26 @@ def choice(values: tuple[str, ...]) -> Any:
     return Annotated[Literal[values], BeforeValidator(check)]
 
 
+def switch_or_auto() -> Any:
+    """``true``, ``false`` or ``"auto"`` (the program decides, and says what). A command line
+    gives ``--x``/``--no-x``; leaving both out leaves the file's value or ``auto``."""
+
+    def check(value: Any) -> Any:
+        if value is True or value is False or value == "auto":
+            return value
+        raise refuse("", f"expected true, false or 'auto', got {value!r}")
+
+    return Annotated[bool | Literal["auto"], PlainValidator(check)]
+
+
+def is_switch_or_auto(annotation: Any) -> bool:
+    """Whether a field's annotation is :func:`switch_or_auto` (with or without its validator)."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and set(typing.get_args(annotation)) == {
+        bool, Literal["auto"]}
+
+
 def text_list(item: Any) -> Any:
     """A list of ``item`` (a comma-separated string too: ``augment: rotate``)."""
     return Annotated[list[item], BeforeValidator(_list_from_text)]
@@ -279,7 +299,9 @@ def command_line_options(schema: type[BaseModel]) -> list[OptionSpec]:
     for name, info in schema.model_fields.items():
         flag = (info.alias or name).replace("_", "-")
         member, choices = _members(info.annotation)[0], option_choices(info.annotation)
-        if choices or member is Any:  # a free-form setting (the strategy) is text on a command line
+        if is_switch_or_auto(member):  # `--fast/--no-fast`; neither: auto
+            options.append(OptionSpec(name, flag, bool, field_help(info)))
+        elif choices or member is Any:  # a free-form setting (the strategy) is text on a command line
             options.append(OptionSpec(name, flag, str, field_help(info), choices))
         elif member in (int, float, str, bool):
             options.append(OptionSpec(name, flag, member, field_help(info)))

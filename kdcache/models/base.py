@@ -27,6 +27,7 @@ from torch import nn
 from kdcache import graph as G
 from kdcache import keys as K
 from kdcache.errors import DataError
+from kdcache.models.fast_auto import FastPayoff
 
 
 #: rows of the per-element reference table (row Z is element Z; row 0 unused)
@@ -233,6 +234,10 @@ class PotentialModel(nn.Module):
     #: inductor options of this architecture's compiled body, on top of the fast path's own
     #: (:class:`kdcache.models.fast.FastPath`); part of the compile-cache key
     fast_inductor_options: dict = {}
+    #: what the compiled path was measured to give per mode (``inference``, ``training``), which
+    #: ``fast: auto`` weighs against a run's eager time (:mod:`kdcache.models.fast_auto`); a mode
+    #: left out is never turned on by ``auto``
+    fast_payoff: dict[str, FastPayoff] = {}
 
     def __init__(self) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ from torch import nn
 from kdcache import graph as G
 from kdcache import keys as K
 from kdcache.models.base import ModelInputs, PotentialModel
+from kdcache.models.fast_auto import STUDENT_PAYOFF
 from kdcache.models.common import EDGE_PAIR, PAIR_EDGE, student_edges, student_geometry, with_edge_pairs
 # shared, model-neutral building blocks (never from the teacher's package: students must not
 # import kdcache.models.gemnet_oc)
@@ -214,6 +215,7 @@ class PaiNN(PotentialModel):
 
     name = "painn"
     available_features = (K.NODE, K.VECTOR)
+    fast_payoff = STUDENT_PAYOFF  # what `fast: auto` weighs (kdcache.models.fast_auto)
 
     def __init__(
         self,

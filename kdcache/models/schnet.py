@@ -16,6 +16,7 @@ from torch import nn
 
 from kdcache import keys as K
 from kdcache.models.base import ModelInputs, PotentialModel
+from kdcache.models.fast_auto import STUDENT_PAYOFF
 from kdcache.models.common import EDGE_PAIR, PAIR_EDGE, student_edges, student_geometry, with_edge_pairs
 from kdcache.models.radial import GaussianBasis
 
@@ -116,6 +117,7 @@ class SchNet(PotentialModel):
 
     name = "schnet"
     available_features = (K.NODE,)
+    fast_payoff = STUDENT_PAYOFF  # what `fast: auto` weighs (kdcache.models.fast_auto)
     # Inductor inlines a cheap pointwise result into each kernel that reads it, and on the CPU it
     # realises a shared one only when it holds exp/log/tanh or more ops than this threshold (30 by
     # default). The edge lengths (a square root per pair) were thus recomputed, in scalar code, in

@@ -269,7 +269,9 @@ class ModelRunner:
                 raise ConfigError(f"--hessian-probes: teacher {self.model.name!r} predicts no forces to differentiate")
             self.keys = [*self.keys, K.HVP]
             self.value_settings = (*type(self).value_settings, "hessian_probes")
-        if request.fast:
+        self.fast_decision = self._decide_fast(request)
+        self.fast = self.fast_decision.fast  # what the store's record says (ExtractRequest.fast)
+        if self.fast:
             from kdcache.models.fast import fast_model  # torch.compile only for those who ask for it
 
             try:
@@ -277,6 +279,34 @@ class ModelRunner:
             except TypeError as exc:
                 raise ConfigError(f"--fast: {exc} (the compiled path is for kdcache's built-in models)") from None
             self.value_settings = (*self.value_settings, "fast")
+
+    def _decide_fast(self, request: ExtractRequest):
+        """Resolve ``fast`` (:mod:`kdcache.models.fast_auto`): ``auto`` keeps what an existing
+        store (being resumed) records, else weighs one timed eager batch of the first samples
+        against the job's batches; rank 0 decides for every rank."""
+        from kdcache.data.batch import collate
+        from kdcache.models.fast_auto import AUTO, FastDecision, decide_fast, eager_batch_seconds
+
+        if request.fast == AUTO and not request.overwrite and (Path(request.out) / "zarr.json").is_file():
+            try:
+                kept = StoreWriter.open(request.out).attrs.get("request", {}).get("fast") is True
+            except StoreError:
+                kept = None  # not a store kdcache can resume: its own check says so later
+            if kept is not None:
+                return FastDecision(kept, f"auto: kept from the store {request.out}")
+        cannot = ("--hessian-probes differentiates the forces again" if self.hessian_probes else
+                  "--feature hooks modules of the eager model" if request.feature_modules else None)
+        world = max(1, D.env_world()[1])
+        batches = -(-request.num_samples(len(self.dataset)) // (self.batch_size * world))
+
+        def time_batch() -> float:
+            items = [self.dataset[i] for i in range(min(self.batch_size, len(self.dataset)))]
+            batch = _batch_to(collate(items, self.dataset), self.dev, self.teacher_dtype)
+            return eager_batch_seconds(lambda: self.model.predict(batch, self.hidden), self.dev)
+
+        decision = D.broadcast_object(decide_fast(request.fast, self.model, "inference", batches, self.dev,
+                                                  time_batch, cannot))
+        return decision
 
     def __enter__(self) -> "ModelRunner":
         return self
@@ -420,7 +450,7 @@ def extract(
     teacher_dtype: str = _DEFAULT["teacher_dtype"],
     workers: int = _DEFAULT["workers"],
     hessian_probes: int = _DEFAULT["hessian_probes"],
-    fast: bool = _DEFAULT["fast"],
+    fast: bool | str = _DEFAULT["fast"],
     feature_modules: Mapping[str, str] | Sequence[str] | None = None,
 ) -> ExtractResult:
     """Run ``teacher`` over ``data`` into the store ``out`` (create, resume, or refuse).
@@ -553,6 +583,11 @@ class _Job:
         dataset = open_dataset(request.data)
         n = request.num_samples(len(dataset))
         teacher, runner = resolve_teacher(request, dataset, dev)
+        decision = getattr(runner, "fast_decision", None)
+        if decision is not None:  # a model teacher: the store records what `fast` resolved to
+            if request.fast == "auto" and rank == 0 and not decision.quiet:
+                print(f"extract: {decision.describe()}", file=sys.stderr)
+            request = request.model_copy(update={"fast": decision.fast})
         record = request.store_record(teacher.identity(), F.jsonable(dataset.fingerprint()), n, runner.keys,
                                       runner.has_energy, runner.value_settings)
         return cls(request, out, dev, rank, world_size, t_start, dataset, n, teacher, runner, record)

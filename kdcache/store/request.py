@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Sequenc
 from pydantic import BeforeValidator, ConfigDict, Field, InstanceOf, ValidationError, ValidationInfo, model_validator
 
 from kdcache.errors import ConfigError
-from kdcache.settings import Schema, choice, config_error, integer, refuse
+from kdcache.settings import Schema, choice, config_error, integer, is_switch_or_auto, refuse, switch_or_auto
 from kdcache.store import format as F
 from kdcache.teachers.adapter import AdapterSpec
 from kdcache.teachers.calculator import CalculatorSpec
@@ -102,10 +102,13 @@ class ExtractRequest(Schema):
         "Also store K Hessian-vector products per structure (hvp [N, 3, K], in --dtype: -dF/dpos times K random "
         "probes regenerated from the sample index, for the hessian strategy; a model teacher only). Costs a double "
         "backward per probe."))
-    fast: bool = Field(False, description=(
+    fast: switch_or_auto() = Field("auto", description=(
         "Run a built-in model teacher on its compiled path (kdcache.models.fast: torch.compile; the same values to "
-        "float32 round-off, GemNet-OC inference ~1.2-1.4x on 1-2 CPU threads; the first batch compiles, warm from "
-        "the on-disk cache). Decides the values, so a resume keeps it. Not with --hessian-probes or --feature."))
+        "float32 round-off, GemNet-OC inference 1.35-1.56x on 1-2 CPU threads; the first batch compiles, warm from "
+        "the on-disk cache). auto (the default, no switch given): compiled when the job's eager time, estimated "
+        "from one timed batch, would save more than a cold compile (on the CPU; kdcache.models.fast_auto), and "
+        "says so. Decides the values, so the store records it and a resume keeps it. Not with --hessian-probes "
+        "or --feature."))
     feature_modules: Annotated[Optional[dict[str, str]], BeforeValidator(_feature_modules)] = Field(
         None, description=(
             "KEY=MODULE.PATH, repeatable: store the output of the teacher's submodule at that path (a forward "
@@ -222,6 +225,9 @@ def option_name(setting: str) -> str:
 
 def choices(setting: str) -> tuple | None:
     """The values a setting allows (its ``Literal``), or None when it is not a choice."""
+    if is_switch_or_auto(ExtractRequest.model_fields[setting].annotation):
+        return None  # true, false or auto: a switch, checked by its validator
+
     def find(ann):  # a Literal, or one inside Optional[...] / tuple[...]
         if typing.get_origin(ann) is Literal:
             return typing.get_args(ann)

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from kdcache.config_yaml import load_yaml
 from kdcache.errors import ConfigError
-from kdcache.settings import Schema, choice, integer, number, text_list, validated
+from kdcache.settings import Schema, choice, integer, number, switch_or_auto, text_list, validated
 from kdcache.train.strategies import FEATURE_LOSSES, STRATEGIES, STUDENT_MAPS, format_strategy, parse_strategy
 
 #: e.g. ``n2n 30, e2n 3, ...``: the help text follows the one table
@@ -137,12 +137,13 @@ class TrainConfig(Schema):
         "Augmentations (``rotate``: random rotations; the stored targets rotate along)."))
     window: _POSITIVE | None = Field(None, description="Locality window of the store's batch sampler (samples; "
                                      "default: the sampler's).")
-    fast: bool = Field(False, description=(
+    fast: switch_or_auto() = Field("auto", description=(
         "Train the student on its compiled path (kdcache.models.fast: torch.compile, same weights and checkpoints, "
-        "the same numbers to float32 round-off; training steps 6-11x faster on 1 CPU thread, 5-7x on 2, see "
+        "the same numbers to float32 round-off; training steps 5-11x faster on 1-2 CPU threads, see "
         "docs/benchmarks-models.md). The first steps compile (seconds from the on-disk cache, a minute or more "
-        "cold): worth it for runs of more than a few hundred steps. Decides the trajectory, so a resume keeps it. "
-        "Not with the hessian strategy."))
+        "cold). ``auto`` (the default; neither switch): compiled when the run's eager time, estimated from one timed batch, would save more "
+        "than a cold compile (on the CPU; kdcache.models.fast_auto), and says so. Decides the trajectory, so the "
+        "chosen value is written to config.yaml and a resume keeps it. Not with the hessian strategy."))
     progress: bool = Field(True, description="Show a progress bar.")
     deterministic: bool = Field(True, description=(
         "Use torch's deterministic kernels (needed for bit-exact resume: e.g. the CPU backward of indexing "
@@ -232,7 +233,7 @@ class TrainConfig(Schema):
         if bad:
             raise ConfigError(f"{where('strategy')}: weight of {bad[0]} must be finite")
         twice = [t.name for t in terms if t.spec.differentiates_forces]
-        if self.fast and twice:
+        if self.fast is True and twice:
             raise ConfigError(f"{where('fast')}: strategy {twice[0]} differentiates the student's forces again, which "
                               "its compiled path cannot (torch.compile has no double backward); train it without fast")
         _check_student(self.student, self.student_overrides, where)

@@ -14,6 +14,7 @@ import csv
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -281,6 +282,16 @@ class Trainer:
         student.normalizer.energy_std.fill_(std)
         student.normalizer.forces_std.fill_(std)
         student.to(self.device)
+        self.sampler = make_batch_sampler(len(self.train_joined), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                          rank=self.rank, world_size=self.world, window=cfg.window,
+                                          drop_last=self.world > 1)
+        per_epoch = len(self.sampler)
+        if per_epoch == 0:
+            raise ConfigError(f"no full batch of {cfg.batch_size} per process in {len(self.train_joined)} samples")
+        self.steps_per_epoch = per_epoch
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 1) * per_epoch
+        self.fast_decision = self._decide_fast(student)
+        cfg.fast = self.fast_decision.fast  # what config.yaml and the checkpoints record
         if cfg.fast:
             from kdcache.models.fast import fast_model  # torch.compile only for those who ask for it
 
@@ -312,14 +323,53 @@ class Trainer:
                                    cfg.lr_milestones, cfg.lr_gamma, cfg.decay_steps, cfg.decay_rate,
                                    cfg.plateau_patience, cfg.plateau_factor)
         self.ema = EMA(self.objective, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.sampler = make_batch_sampler(len(self.train_joined), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                          rank=self.rank, world_size=self.world, window=cfg.window,
-                                          drop_last=self.world > 1)
-        per_epoch = len(self.sampler)
-        if per_epoch == 0:
-            raise ConfigError(f"no full batch of {cfg.batch_size} per process in {len(self.train_joined)} samples")
-        self.steps_per_epoch = per_epoch
-        self.total_steps = cfg.max_steps if cfg.max_steps is not None else (cfg.epochs or 1) * per_epoch
+
+    def _decide_fast(self, student) -> "FastDecision":
+        """Resolve ``fast`` (:mod:`kdcache.models.fast_auto`): ``auto`` keeps a resumed run's
+        choice, else weighs one timed eager step of the run's own first samples; rank 0 decides
+        for every process."""
+        from kdcache.models.fast_auto import AUTO, FastDecision
+
+        cfg = self.cfg
+        decision = None
+        if cfg.fast == AUTO and (self.out / LAST).exists():
+            kept = read_trainer_state(self.out / LAST).get("config", {}).get("fast")
+            if isinstance(kept, bool):
+                decision = FastDecision(kept, f"auto: kept from the run in {self.out}")
+        if decision is None:
+            decision = D.broadcast_object(self._weigh_fast(student))
+        if cfg.fast == AUTO and self.is_main and not decision.quiet:
+            print(decision.describe(), file=sys.stderr)
+        return decision
+
+    def _weigh_fast(self, student) -> "FastDecision":
+        """``fast`` resolved for a new run (:func:`kdcache.models.fast_auto.decide_fast`)."""
+        from kdcache.models.fast_auto import decide_fast, eager_batch_seconds
+
+        cfg = self.cfg
+        twice = [t.name for t in self.terms if t.spec.differentiates_forces]
+
+        def time_step() -> float:  # forward, forces, backward; no optimiser step, no RNG drawn
+            from kdcache.train.data import collate
+
+            batch = collate(self.train_joined.__getitems__(list(range(min(cfg.batch_size, len(self.train_joined))))))
+            batch = batch.to(self.device)
+            params = [p for p in student.parameters() if p.requires_grad]
+
+            def step():
+                out = student(batch)
+                loss = out[K.ENERGY].square().sum() + (out[K.FORCES].square().sum() if K.FORCES in out else 0.0)
+                torch.autograd.grad(loss, params, allow_unused=True)
+
+            was_training = student.training
+            student.train()
+            try:
+                return eager_batch_seconds(step, self.device)
+            finally:
+                student.train(was_training)
+
+        return decide_fast(cfg.fast, student, "training", self.total_steps, self.device, time_step,
+                           cannot=f"strategy {twice[0]} differentiates the forces again" if twice else None)
 
     # --- checkpoints ----------------------------------------------------------------------
     def trainer_state(self) -> dict:

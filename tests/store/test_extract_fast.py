@@ -33,6 +33,33 @@ def test_fast_extraction_stores_the_eager_values(mol_lmdb, tmp_path):
     res = _extract(mol_lmdb, tmp_path / "eager.zarr", "--fast")
     assert res.exit_code == 1 and "fast" in res.output and "Traceback" not in res.output
     assert runner.invoke(app, ["store", "verify", str(tmp_path / "fast.zarr"), "--data", str(mol_lmdb)]).exit_code == 0
+    # the default (auto) resumes each store with the path it records, without timing anything
+    for name, path in (("on", "fast.zarr"), ("off", "eager.zarr")):
+        res = _extract(mol_lmdb, tmp_path / path)
+        assert res.exit_code == 0, res.output
+        assert f"fast path: {name} (auto: kept from the store {tmp_path / path})" in res.output
+
+
+def test_auto_compiles_where_the_eager_time_pays_for_it(mol_lmdb, tmp_path, monkeypatch):
+    from kdcache.models import fast as F
+    from kdcache.models import fast_auto as A
+
+    # a short set stays eager and says nothing
+    res = _extract(mol_lmdb, tmp_path / "short.zarr")
+    assert res.exit_code == 0 and "fast path" not in res.output, res.output
+    assert "fast" not in FeatureStore.open(tmp_path / "short.zarr").provenance["request"]
+    # the same set, weighed as if each eager batch took 10^4 s: compiled, and the store says so
+    made = []
+    monkeypatch.setattr(A, "MIN_BATCHES", 1)
+    monkeypatch.setattr(A, "eager_batch_seconds", lambda run, device: 1e4)
+    monkeypatch.setattr(F, "fast_model", lambda m: made.append(m) or m)  # no compile in this test
+    res = _extract(mol_lmdb, tmp_path / "slow.zarr")
+    assert res.exit_code == 0, res.output
+    assert "extract: fast path: on (auto: " in res.output and "ms eager" in res.output and made
+    assert FeatureStore.open(tmp_path / "slow.zarr").provenance["request"]["fast"] is True
+    # and what the compiled path cannot run stays eager under auto instead of being refused
+    res = _extract(mol_lmdb, tmp_path / "h.zarr", "--hessian-probes", "1")
+    assert res.exit_code == 0 and "fast path: off (auto: --hessian-probes" in res.output, res.output
 
 
 def test_fast_refuses_what_the_compiled_path_cannot_do(mol_lmdb, tmp_path):

@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from kdcache.cli.main import app
@@ -53,9 +54,14 @@ def test_fast_training_matches_eager_and_resumes_exactly(demo, tmp_path):
     assert res.exit_code == 0, res.output
     wr = torch.load(part / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(wr[k], wf[k]) for k in wf)
-    # the compiled path decides the trajectory: a resume without it is refused, naming it
-    res = _train(demo, part, "--max-steps", "6")
+    # the compiled path decides the trajectory: a resume with --no-fast is refused, naming it
+    res = _train(demo, part, "--no-fast", "--max-steps", "6")
     assert res.exit_code == 1 and "fast" in res.output and "Traceback" not in res.output
+    # and the default (auto) keeps what the run chose, without timing anything
+    res = _train(demo, part, "--max-steps", "5")
+    assert res.exit_code == 0, res.output
+    assert f"fast path: on (auto: kept from the run in {part})" in res.output
+    assert yaml.safe_load((part / "config.yaml").read_text())["fast"] is True
 
 
 def test_fast_refuses_the_hessian_strategy(demo, tmp_path):

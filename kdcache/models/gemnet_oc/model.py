@@ -28,6 +28,7 @@ from kdcache import keys as K
 from kdcache.errors import DataError
 from kdcache.features import aggregate_edge_features
 from kdcache.models.base import ModelInputs, PotentialModel
+from kdcache.models.fast_auto import GEMNET_OC_PAYOFF
 from kdcache.models.gemnet_oc.bases import CircularBasisLayer, SphericalBasisLayer
 from kdcache.models.gemnet_oc.blocks import InteractionBlock, OutputBlock
 from kdcache.models.gemnet_oc.indices import (
@@ -127,6 +128,7 @@ class GemNetOC(PotentialModel):
     #: threads (kdcache.models.fast.GENERATED_KERNEL_THREADS)
     fast_kernels_threaded = True
     available_features = (K.NODE, K.EDGE, K.E2N, K.E2V)
+    fast_payoff = GEMNET_OC_PAYOFF  # what `fast: auto` weighs (kdcache.models.fast_auto)
 
     def __init__(
         self,
