@@ -20,8 +20,8 @@ strategy, ``--hessian-probes``, ``--feature`` hooks, adapter and calculator teac
 The decision decides the run's round-off, so it is made once: ``kdcache train`` writes the chosen
 value to the run's ``config.yaml`` and a resumed run keeps it; a store records ``fast: true`` in
 its request and a resumed extraction keeps what the store says. Under ``torchrun`` rank 0
-decides for every rank. The reason is printed (not for a run too short to be weighed), so a user
-can pin the choice (``--fast``/``--no-fast``).
+decides for every rank. The reason is printed (not for a job that stays eager because it is
+short or far from paying), so a user can pin the choice (``--fast``/``--no-fast``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class FastDecision:
     Args:
         fast: the compiled path.
         reason: why, as the user reads it.
-        quiet: nothing worth printing (a short run stays eager, as it always did).
+        quiet: nothing worth printing: a job that stays eager because it is short, or saves
+            less than half a compile.
     """
 
     fast: bool
@@ -150,7 +151,9 @@ def decide_fast(setting: bool | str, model, mode: str, batches: int, device: tor
     why = (f"auto: {batches} batches x {1e3 * seconds:.0f} ms eager = {_duration(eager)}; compiled "
            f"(>= {payoff.speedup:g}x) it would save {_duration(saved)}, against a compile of up to "
            f"{_duration(payoff.compile_seconds)} on a cold cache")
-    return FastDecision(saved > payoff.compile_seconds, why)
+    fast = saved > payoff.compile_seconds
+    # a job far from paying stays eager as it always did: nothing worth a line on stderr
+    return FastDecision(fast, why, quiet=not fast and saved < payoff.compile_seconds / 2)
 
 
 def _duration(seconds: float) -> str:
