@@ -78,6 +78,35 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def rank0_result(fn, what: str):
+    """``fn()`` computed on rank 0 only and handed to every rank (``fn()`` itself in a single
+    process): one collective, which every rank reaches whatever rank 0 finds. A failure on rank 0
+    is raised there and, named, on the other ranks, so that none waits for a rank that gave up.
+
+    Args:
+        fn: the work, without arguments; its result must pickle.
+        what: what it does, for the other ranks' message (``"decide the fast path"``).
+    """
+    if not is_distributed():
+        return fn()
+    box: dict = {"result": None, "error": None}
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            box["result"] = fn()
+        except Exception as exc:  # handed on, then raised here too
+            failure = exc
+            box["error"] = f"{type(exc).__name__}: {exc}"
+    box = broadcast_object(box)
+    if failure is not None:
+        raise failure
+    if box["error"]:
+        from kdcache.errors import KDCacheError
+
+        raise KDCacheError(f"rank 0 could not {what}: {box['error']}")
+    return box["result"]
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

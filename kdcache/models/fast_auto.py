@@ -132,6 +132,8 @@ def decide_fast(setting: bool | str, model, mode: str, batches: int, device: tor
         return FastDecision(setting, "asked for")
     if setting != AUTO:
         raise ValueError(f"fast must be true, false or {AUTO!r}, got {setting!r}")
+    if batches < MIN_BATCHES:  # before the other reasons: a short job says nothing
+        return FastDecision(False, f"auto: {batches} batches are too few to win back a compile", quiet=True)
     if cannot:
         return FastDecision(False, f"auto: {cannot}")
     name = getattr(model, "name", type(model).__name__)
@@ -143,8 +145,6 @@ def decide_fast(setting: bool | str, model, mode: str, batches: int, device: tor
     payoff = (getattr(model, "fast_payoff", None) or {}).get(mode)
     if payoff is None:
         return FastDecision(False, f"auto: no measured {mode} speed-up for {name}; --fast uses it anyway")
-    if batches < MIN_BATCHES:
-        return FastDecision(False, f"auto: {batches} batches are too few to win back a compile", quiet=True)
     seconds = time_batch()
     eager = batches * seconds
     saved = payoff.saved_seconds(eager)

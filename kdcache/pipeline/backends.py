@@ -268,12 +268,13 @@ def evaluate_calculator(spec, data: str | Path, num_samples: int, batch_size: in
 
 
 # --- evaluation -----------------------------------------------------------------------------------
-def evaluate(checkpoint: str | Path, data: str | Path, batch_size: int, device: str) -> dict:
+def evaluate(checkpoint: str | Path, data: str | Path, batch_size: int, device: str, fast: bool | str = "auto") -> dict:
     """``kdcache eval``'s metrics of a checkpoint (energy_mae meV, force_mae meV/Å, force_cos,
-    efwt as a fraction, samples_per_s)."""
+    efwt as a fraction, samples_per_s); ``fast`` as ``kdcache eval``'s (the recipe's ``eval.fast``)."""
     from kdcache.evaluate import evaluate_checkpoint
 
-    metrics = dict(evaluate_checkpoint(checkpoint, data, batch_size=batch_size, device=device, progress=True))
+    metrics = dict(evaluate_checkpoint(checkpoint, data, batch_size=batch_size, device=device, progress=True,
+                                       fast=fast))
     metrics.pop("fast", None)  # the metrics are numbers averaged over seeds; the path is round-off
     return metrics
 

@@ -63,7 +63,7 @@ from kdcache.config_yaml import load_yaml
 from kdcache.data.candidates import CandidateSettings
 from kdcache.errors import ConfigError
 from kdcache.settings import (ANY_MAPPING, Schema, choice, integer, number, one_or_list, refuse, section_dict,
-                              text_list, validated)
+                              switch_or_auto, text_list, validated)
 from kdcache.store.format import FEATURE_CHOICES, FEATURE_DTYPES
 from kdcache.teachers.adapter import is_adapter_spec
 from kdcache.teachers.calculator import CalculatorSpec, is_calculator_spec
@@ -409,7 +409,11 @@ class StrategyEntry(Schema):
 
 
 class EvalSpec(Schema):
+    """``eval:``. ``fast``: the compiled path for the evaluations (``kdcache eval --fast``;
+    default auto, see :mod:`kdcache.models.fast_auto`)."""
+
     batch_size: integer(gt=0) = 16
+    fast: switch_or_auto() = "auto"
 
 
 class ReportSpec(Schema):

@@ -385,13 +385,21 @@ class Pipeline:
                      + ", ".join(f"{c.label()} {v:.4f}" for v, c in scores.values()) + f" -> {scores[best][1].label()}")
         return chosen
 
+    def _eval_path(self) -> dict:
+        """The recipe's ``eval.fast`` as a stage input when it is pinned (auto leaves the inputs,
+        and so the stages of existing runs, as they were)."""
+        fast = self.recipe.eval["fast"]
+        return {} if fast == "auto" else {"fast": fast}
+
     def evaluate(self, name: str, run: StageResult, data_path: str, data_id, split: str = "val") -> dict:
         """Metrics of a student run on a split (a stage: computed once)."""
         ckpt = run.folder / run.outputs["checkpoint"]
-        inputs = {"model": run.input_hash, "data": data_id, "batch_size": self.recipe.eval["batch_size"]}
+        inputs = {"model": run.input_hash, "data": data_id, "batch_size": self.recipe.eval["batch_size"],
+                  **self._eval_path()}
 
         def fn(folder: Path) -> dict:
-            metrics = B.evaluate(ckpt, data_path, self.recipe.eval["batch_size"], self.device)
+            metrics = B.evaluate(ckpt, data_path, self.recipe.eval["batch_size"], self.device,
+                                 self.recipe.eval["fast"])
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
             return {"metrics": "metrics.json"}
 
@@ -404,13 +412,13 @@ class Pipeline:
         n_feat = max(r.report["cka_samples"], r.report["parity_samples"])
         feats = ("node", "e2n") if is_teacher else ("node",)
         inputs = {"model": model_id, "test": test_id, "batch_size": r.eval["batch_size"],
-                  "samples": n_feat, "features": list(feats)}
+                  "samples": n_feat, "features": list(feats), **self._eval_path()}
 
         def fn(folder: Path) -> dict:
             preds, hidden = B.collect(ckpt, test_path, n_feat, r.eval["batch_size"], self.device, feats)
             np.savez(folder / "predictions.npz", **preds)
             np.savez(folder / "features.npz", **hidden)
-            metrics = B.evaluate(ckpt, test_path, r.eval["batch_size"], self.device)
+            metrics = B.evaluate(ckpt, test_path, r.eval["batch_size"], self.device, r.eval["fast"])
             metrics.pop("samples_per_s", None)  # measured once per architecture (see throughput)
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))

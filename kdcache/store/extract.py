@@ -284,6 +284,10 @@ class ModelRunner:
         """Resolve ``fast`` (:mod:`kdcache.models.fast_auto`): ``auto`` keeps what an existing
         store (being resumed) records, else weighs one timed eager batch of the first samples
         against the job's batches; rank 0 decides for every rank."""
+        return D.rank0_result(lambda: self._weigh_fast(request), "decide the fast path")
+
+    def _weigh_fast(self, request: ExtractRequest):
+        """:meth:`_decide_fast` on rank 0."""
         from kdcache.data.batch import collate
         from kdcache.models.fast_auto import AUTO, FastDecision, decide_fast, eager_batch_seconds
 
@@ -304,9 +308,7 @@ class ModelRunner:
             batch = _batch_to(collate(items, self.dataset), self.dev, self.teacher_dtype)
             return eager_batch_seconds(lambda: self.model.predict(batch, self.hidden), self.dev)
 
-        decision = D.broadcast_object(decide_fast(request.fast, self.model, "inference", batches, self.dev,
-                                                  time_batch, cannot))
-        return decision
+        return decide_fast(request.fast, self.model, "inference", batches, self.dev, time_batch, cannot)
 
     def __enter__(self) -> "ModelRunner":
         return self

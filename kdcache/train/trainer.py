@@ -331,13 +331,15 @@ class Trainer:
         from kdcache.models.fast_auto import AUTO, FastDecision
 
         cfg = self.cfg
-        decision = None
-        if cfg.fast == AUTO and (self.out / LAST).exists():
-            kept = read_trainer_state(self.out / LAST).get("config", {}).get("fast")
-            if isinstance(kept, bool):
-                decision = FastDecision(kept, f"auto: kept from the run in {self.out}")
-        if decision is None:
-            decision = D.broadcast_object(self._weigh_fast(student))
+
+        def decide() -> FastDecision:
+            if cfg.fast == AUTO and (self.out / LAST).exists():
+                # a run saved before the setting existed ran eagerly: it has no `fast`
+                kept = read_trainer_state(self.out / LAST).get("config", {}).get("fast", False) is True
+                return FastDecision(kept, f"auto: kept from the run in {self.out}")
+            return self._weigh_fast(student)
+
+        decision = D.rank0_result(decide, "decide the fast path")
         if cfg.fast == AUTO and self.is_main and not decision.quiet:
             print(decision.describe(), file=sys.stderr)
         return decision

@@ -138,3 +138,16 @@ def test_the_trainer_records_what_auto_chose_and_the_timing_changes_nothing(demo
     monkeypatch.setattr(A, "eager_batch_seconds", lambda run, device: 10.0)
     slow = _trainer(demo, tmp_path / "c", max_steps=A.MIN_BATCHES)
     assert slow.fast_decision.fast and slow.cfg.fast is True and made
+
+
+def test_a_run_saved_before_the_setting_resumes_eagerly_untimed(demo, tmp_path, monkeypatch):
+    out = tmp_path / "old"
+    _trainer(demo, out, max_steps=2, fast=False).fit()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["extra"]["trainer_state"]["config"]["fast"]  # as a run of an older kdcache wrote it
+    torch.save(ckpt, out / "last.pt")
+    # it ran eagerly: auto keeps that, even where a new run of the same length would compile
+    monkeypatch.setattr(A, "eager_batch_seconds", lambda run, device: 1e4)
+    resumed = _trainer(demo, out, max_steps=A.MIN_BATCHES)
+    assert not resumed.fast_decision.fast and "kept from the run" in resumed.fast_decision.reason
+    assert resumed.resume() and resumed.step == 2

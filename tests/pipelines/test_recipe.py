@@ -35,6 +35,8 @@ def test_defaults_and_resolution():
     r = parse_recipe(BASE, "pipelines/x.yaml")
     assert r.name == "x" and str(r.out) == "runs/x" and r.device == "auto"
     assert r.data.demo == {"num_train": 8, "num_val": 40, "num_test": 40, "num_pool": 0, "seed": 0}
+    assert r.eval == {"batch_size": 16, "fast": "auto"}  # kdcache eval's default: the compiled path where it pays
+    assert parse_recipe(_with(eval={"fast": False}), "pipelines/x.yaml").eval["fast"] is False
     assert [s.name for s in r.strategies] == ["n2n", "v2v", "mix"]
     assert r.strategies[1].terms == {"v2v": 2.0} and r.strategies[2].strategy_string == "n2n:1,vanilla2:0.5"
     # per-strategy settings override the students' settings, which override the recipe seed
@@ -60,6 +62,9 @@ def test_defaults_and_resolution():
     ({"teacher": {"preset": "gemnet-oc-tiny"}}, "teacher", "checkpoint"),
     ({"colour": "blue"}, "colour", "unknown key"),
     ({"students__train__scheduler": "cosine"}, "students.train.scheduler", "not one of"),  # stage two's own rule
+    ({"eval": {"fast": "yes"}}, "eval.fast", "true, false or 'auto'"),
+    ({"students__train__fast": 1}, "students.train.fast", "true, false or 'auto'"),
+    ({"store": {"options": {"fast": "on"}}}, "store.options.fast", "true, false or 'auto'"),
 ])
 def test_errors_name_file_and_key(changes, key, words):
     with pytest.raises(ConfigError) as exc:
