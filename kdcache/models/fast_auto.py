@@ -4,8 +4,8 @@
 The compiled path costs one compile up front (a minute or more on a cold cache) and then runs
 several times faster; whether that pays depends on how much eager work it replaces. ``auto``
 estimates it before the run: it times the eager model on one batch of the run's own data (twice
-when it is quick: the faster counts, the first includes one-time set-up), multiplies by the run's batches, and
-takes the compiled path when the time it would save at the architecture's *measured* speed-up
+when it is quick: the faster counts, the first includes one-time set-up), multiplies by the run's
+batches, and takes the compiled path when the time it would save at the architecture's *measured* speed-up
 exceeds the architecture's *measured* cold compile (:attr:`PotentialModel.fast_payoff
 <kdcache.models.base.PotentialModel.fast_payoff>`, from docs/benchmarks-models.md, rounded to the
 safe side). Runs of fewer than :data:`MIN_BATCHES` batches stay eager without timing: no measured
