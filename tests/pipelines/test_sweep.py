@@ -29,9 +29,9 @@ def test_sweep_over_seeds_and_lambdas(tmp_path, monkeypatch):
     evaluated: list[tuple[str, str]] = []
     real_evaluate = runner_mod.B.evaluate
 
-    def spy_evaluate(ckpt, data, batch_size, device):
+    def spy_evaluate(ckpt, data, batch_size, device, fast="auto"):
         evaluated.append((str(ckpt), str(data)))
-        return real_evaluate(ckpt, data, batch_size, device)
+        return real_evaluate(ckpt, data, batch_size, device, fast)
 
     # the teacher (GemNet-OC) may run while it is trained and extracted, never in a student run
     from kdcache.models.gemnet_oc.model import GemNetOC
