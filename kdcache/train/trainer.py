@@ -219,6 +219,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best = math.inf
         self._saved_step: int | None = None  # step of the weights in last.pt (None: none written)
+        self._resume_state: dict | None = None  # last.pt's trainer state, when deciding `fast` read it
         self._last_batch: torch.Tensor | None = None  # sample indices of the last step's batch
         self._setup_model()
 
@@ -334,8 +335,9 @@ class Trainer:
 
         def decide() -> FastDecision:
             if cfg.fast == AUTO and (self.out / LAST).exists():
+                self._resume_state = read_trainer_state(self.out / LAST)  # resume() reads no second time
                 # a run saved before the setting existed ran eagerly: it has no `fast`
-                kept = read_trainer_state(self.out / LAST).get("config", {}).get("fast", False) is True
+                kept = self._resume_state.get("config", {}).get("fast", False) is True
                 return FastDecision(kept, f"auto: kept from the run in {self.out}")
             return self._weigh_fast(student)
 
@@ -431,7 +433,7 @@ class Trainer:
         path = self.out / LAST
         if not path.exists():
             return False
-        state = read_trainer_state(path)
+        state, self._resume_state = self._resume_state or read_trainer_state(path), None
         diff = self.cfg.differences(state.get("config", {}))
         if diff:
             raise ConfigError(
