@@ -587,7 +587,9 @@ class _Job:
         teacher, runner = resolve_teacher(request, dataset, dev)
         decision = getattr(runner, "fast_decision", None)
         if decision is not None:  # a model teacher: the store records what `fast` resolved to
-            if request.fast == "auto" and rank == 0 and not decision.quiet:
+            from kdcache.models.fast_auto import AUTO
+
+            if request.fast == AUTO and rank == 0 and not decision.quiet:
                 print(f"extract: {decision.describe()}", file=sys.stderr)
             request = request.model_copy(update={"fast": decision.fast})
         record = request.store_record(teacher.identity(), F.jsonable(dataset.fingerprint()), n, runner.keys,
