@@ -296,6 +296,15 @@ class PotentialModel(nn.Module):
         """
         return graph
 
+    def fast_inference_weights(self) -> dict:
+        """What the compiled path adds to the graph when nothing will differentiate the outputs
+        and no feature is requested (MD, evaluation): weights derived from the parameters that
+        do the same work in fewer operations, formed once and kept while the parameters are
+        unchanged (SchNet: :func:`kdcache.models.schnet.fold_residual_stream`). The body gives
+        the same energies and forces with them, to float32 round-off. Default: none.
+        """
+        return {}
+
     def compute(self, inputs: ModelInputs, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
         """The architecture's body on a prepared batch: :meth:`body` on :meth:`make_graph`.
 

@@ -180,12 +180,20 @@ class FastPath:
             self.eager_calls += 1
             return eager_model(model)(batch, features)
         self.compiled_calls += 1
+        # every feature, whatever the request: one compiled graph per gradient mode (the
+        # students compute them anyway; the base class hands out the requested ones) ...
+        features = tuple(model.available_features)
+        if not keep_graph and not wanted:
+            # ... except where none is wanted and nothing differentiates: the inference weights
+            inference_weights = model.fast_inference_weights()
+            if inference_weights:
+                for weight in torch.utils._pytree.tree_leaves(inference_weights):
+                    torch._dynamo.mark_static(weight)  # sizes of weights, not of the batch
+                graph, features = {**graph, **inference_weights}, ()
         # the graph of the outputs only where the caller differentiates them (as the eager path)
         with torch.set_grad_enabled(keep_graph):
-            # every feature, whatever the request: one compiled graph per gradient mode (the
-            # students compute them anyway; the base class hands out the requested ones)
             with _compile_settings(), subnormals_flushed(), self._precision(inputs.pos.device):
-                body = self.kernel(model, inputs.pos, inputs.atomic_numbers, graph, tuple(model.available_features))
+                body = self.kernel(model, inputs.pos, inputs.atomic_numbers, graph, features)
             dtype = inputs.pos.dtype
             body = {k: v.to(dtype) if v.is_floating_point() else v for k, v in body.items()}
             out = model._outputs(inputs, body, wanted, keep_graph)
