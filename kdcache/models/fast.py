@@ -17,6 +17,9 @@ whose forward runs:
    compiled forward and backward (AOTAutograd cannot differentiate a compiled backward twice:
    for the same reason a loss on Hessian-vector products of gradient forces, ``kdcache.hessian``
    with ``create_graph``, needs the eager model);
+   where the outputs are not differentiated and no feature is requested (MD, evaluation), the
+   body also gets the model's :meth:`~kdcache.models.base.PotentialModel.fast_inference_weights`
+   (SchNet: its folded residual stream, :func:`kdcache.models.schnet.fold_residual_stream`);
    Inside, radial bases flush near-subnormal values to zero
    (:func:`kdcache.models.radial.subnormals_flushed`: on x86 they made the basis projection's
    matmuls up to ~70x slower); the eager path does not;

@@ -253,7 +253,9 @@ class SchNet(PotentialModel):
     def fast_inference_weights(self) -> dict:
         """The folded residual stream (:func:`fold_residual_stream`) where it pays
         (:meth:`folding_pays`), under :data:`FOLDED`; formed again whenever a weight it comes
-        from was changed (written in place: an optimiser step, ``load_state_dict``) or moved."""
+        from was changed (an optimiser step, ``load_state_dict``, ``copy_``: torch counts the
+        writes to a tensor) or moved. A write through ``param.data`` is not counted, by torch's
+        design: after one, call :meth:`forget_fold` (or write through the parameter)."""
         if not self.folding_pays():
             return {}
         sources = [self.embedding.weight, self.lin1.weight, self.lin1.bias]
@@ -266,6 +268,10 @@ class SchNet(PotentialModel):
                 cached = (key, fold_residual_stream(self))
             self._folded = cached
         return {FOLDED: cached[1]}
+
+    def forget_fold(self) -> None:
+        """Drop the kept fold (:meth:`fast_inference_weights`): the next compiled inference forms it again."""
+        self.__dict__.pop("_folded", None)
 
     def body(self, pos: torch.Tensor, atomic_numbers: torch.Tensor, graph: dict,
              wanted) -> dict[str, torch.Tensor]:
