@@ -305,6 +305,11 @@ class PotentialModel(nn.Module):
         """
         return {}
 
+    def forget_inference_weights(self) -> None:
+        """Drop what :meth:`fast_inference_weights` keeps (the compiled path calls this before
+        every call whose outputs are differentiated: a training step may change the weights in
+        ways torch does not count). Default: nothing kept."""
+
     def compute(self, inputs: ModelInputs, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
         """The architecture's body on a prepared batch: :meth:`body` on :meth:`make_graph`.
 

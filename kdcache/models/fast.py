@@ -30,7 +30,8 @@ value of each output (``tests/models/test_fast.py``).
 
 Compilation: one compiled graph per model, gradient mode (inference / training), dtype and thread
 count of the generated kernels (:data:`GENERATED_KERNEL_THREADS`); every
-feature is computed whatever the request (the students compute them anyway). Atom, edge, triplet
+feature is computed whatever the request (the students compute them anyway), except that a
+model with inference weights (SchNet) compiles inference without features once more. Atom, edge, triplet
 and structure counts are symbolic, so a new batch reuses it, with two exceptions: sizes 0 and 1
 would specialise it (such graphs — a single atom, no quadruplets — run eagerly), and inductor picks
 a few kernels by size (an outer product of at most 32 elements; float sums over more than 4096
@@ -186,8 +187,11 @@ class FastPath:
         # every feature, whatever the request: one compiled graph per gradient mode (the
         # students compute them anyway; the base class hands out the requested ones) ...
         features = tuple(model.available_features)
-        if not keep_graph and not wanted:
+        if keep_graph:
+            model.forget_inference_weights()  # training: the weights may change, even uncounted
+        elif not wanted and self.precision != "bf16":
             # ... except where none is wanted and nothing differentiates: the inference weights
+            # (not under bf16 autocast, whose measured tolerance is the unfolded body's)
             inference_weights = model.fast_inference_weights()
             if inference_weights:
                 for weight in torch.utils._pytree.tree_leaves(inference_weights):

@@ -128,19 +128,24 @@ def fold_residual_stream(model: "SchNet") -> tuple[torch.Tensor, ...]:
         columns ``[x_0 | x_1 | ... | x_{K-1} | p]`` (``C = K·filters + channels/2``), and
         ``S_m [(K-1-m)·filters + channels/2, channels]`` for the columns from ``x_{m+1}`` on.
     """
-    wide = torch.float64
+    device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
+    # float64 where the device has it (MPS has not: the CPU forms it there)
+    where = torch.device("cpu") if device.type == "mps" else device
+
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(where, torch.float64)
+
     blocks = model.interactions
-    readers = [b.conv.lin1.weight.to(wide) for b in blocks[1:]] + [model.lin1.weight.to(wide)]  # x_1.., p
-    writers = [b.lin.weight.to(wide) for b in blocks]
-    written_bias = torch.stack([b.lin.bias.to(wide) for b in blocks]).cumsum(0)  # Σ_{m<=k} bl_m
-    embedding = model.embedding.weight.to(wide)
-    tables = [embedding @ blocks[0].conv.lin1.weight.to(wide).T]
+    readers = [wide(b.conv.lin1.weight) for b in blocks[1:]] + [wide(model.lin1.weight)]  # x_1.., p
+    writers = [wide(b.lin.weight) for b in blocks]
+    written_bias = torch.stack([wide(b.lin.bias) for b in blocks]).cumsum(0)  # Σ_{m<=k} bl_m
+    embedding = wide(model.embedding.weight)
+    tables = [embedding @ wide(blocks[0].conv.lin1.weight).T]
     for k, reader in enumerate(readers):  # reads h_{k+1} = E[z] + Σ_{m<=k} (a_m Wl_mᵀ + bl_m)
         tables.append((embedding + written_bias[k]) @ reader.T)
-    tables[-1] = tables[-1] + model.lin1.bias.to(wide)
-    dtype = model.embedding.weight.dtype
-    table = torch.cat(tables, dim=1).to(dtype)
-    stacks = [torch.cat([reader @ writer for reader in readers[m:]]).to(dtype) for m, writer in enumerate(writers)]
+    tables[-1] = tables[-1] + wide(model.lin1.bias)
+    table = torch.cat(tables, dim=1).to(device, dtype)
+    stacks = [torch.cat([reader @ writer for reader in readers[m:]]).to(device, dtype) for m, writer in enumerate(writers)]
     return (table, *stacks)
 
 
@@ -215,6 +220,10 @@ class SchNet(PotentialModel):
         self.embedding = nn.Embedding(100, hidden_channels, padding_idx=0)
         self.max_atomic_number = self.embedding.num_embeddings - 1
         self.distance_expansion = GaussianBasis(0.0, self.cutoff, num_gaussians)
+        # the kept fold of fast_inference_weights: one dict shared by the model and its views
+        # (shallow copies, same parameters), so that forgetting it on one forgets it on all; a
+        # deep copy (new parameters) gets a copy, whose key no longer matches
+        self._fold_cache: dict = {}
         self.interactions = nn.ModuleList(
             InteractionBlock(hidden_channels, num_gaussians, num_filters, self.cutoff) for _ in range(num_interactions)
         )
@@ -252,26 +261,31 @@ class SchNet(PotentialModel):
 
     def fast_inference_weights(self) -> dict:
         """The folded residual stream (:func:`fold_residual_stream`) where it pays
-        (:meth:`folding_pays`), under :data:`FOLDED`; formed again whenever a weight it comes
-        from was changed (an optimiser step, ``load_state_dict``, ``copy_``: torch counts the
-        writes to a tensor) or moved. A write through ``param.data`` is not counted, by torch's
-        design: after one, call :meth:`forget_fold` (or write through the parameter)."""
+        (:meth:`folding_pays`), under :data:`FOLDED`, kept between calls.
+
+        Formed again when a weight it comes from was written (``load_state_dict``, ``copy_``,
+        the optimisers' default steps: torch counts those writes in each tensor's version) or
+        moved, and after any call through the compiled path whose outputs are differentiated (a
+        training step, so that a later evaluation never sees weights from before it). Torch
+        does not count writes through ``param.data``, nor the steps of ``fused=True``
+        optimisers: after such writes outside a training forward, call
+        :meth:`forget_inference_weights` on the model or any view of it.
+        """
         if not self.folding_pays():
             return {}
         sources = [self.embedding.weight, self.lin1.weight, self.lin1.bias]
         for block in self.interactions:
             sources += [block.conv.lin1.weight, block.lin.weight, block.lin.bias]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in sources)
-        cached = getattr(self, "_folded", None)
-        if cached is None or cached[0] != key:
+        if self._fold_cache.get("key") != key:
             with torch.no_grad():
-                cached = (key, fold_residual_stream(self))
-            self._folded = cached
-        return {FOLDED: cached[1]}
+                self._fold_cache.update(key=key, folded=fold_residual_stream(self))
+        return {FOLDED: self._fold_cache["folded"]}
 
-    def forget_fold(self) -> None:
-        """Drop the kept fold (:meth:`fast_inference_weights`): the next compiled inference forms it again."""
-        self.__dict__.pop("_folded", None)
+    def forget_inference_weights(self) -> None:
+        """Drop the kept fold (:meth:`fast_inference_weights`), for the model and all its views:
+        the next compiled inference forms it again."""
+        self._fold_cache.clear()
 
     def body(self, pos: torch.Tensor, atomic_numbers: torch.Tensor, graph: dict,
              wanted) -> dict[str, torch.Tensor]:
