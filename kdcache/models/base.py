@@ -306,9 +306,9 @@ class PotentialModel(nn.Module):
         return {}
 
     def forget_inference_weights(self) -> None:
-        """Drop what :meth:`fast_inference_weights` keeps (the compiled path calls this before
-        every call whose outputs are differentiated: a training step may change the weights in
-        ways torch does not count). Default: nothing kept."""
+        """Drop what :meth:`fast_inference_weights` keeps. Both paths call this before every
+        call whose outputs are differentiated: a training step may follow, and it may change
+        the weights in ways torch does not count (fused optimisers). Default: nothing kept."""
 
     def compute(self, inputs: ModelInputs, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
         """The architecture's body on a prepared batch: :meth:`body` on :meth:`make_graph`.
@@ -362,6 +362,8 @@ class PotentialModel(nn.Module):
             return self.fast_path(self, batch, features)
         wanted = self.check_features(features)
         keep_graph = self._caller_differentiates(batch)
+        if keep_graph:
+            self.forget_inference_weights()  # a training step may follow (see the method)
         with torch.set_grad_enabled(torch.is_grad_enabled() or self.gradient_forces):
             inputs = self.prepare_inputs(batch)
             body = self.compute(inputs, wanted)

@@ -265,10 +265,10 @@ class SchNet(PotentialModel):
 
         Formed again when a weight it comes from was written (``load_state_dict``, ``copy_``,
         the optimisers' default steps: torch counts those writes in each tensor's version) or
-        moved, and after any call through the compiled path whose outputs are differentiated (a
-        training step, so that a later evaluation never sees weights from before it). Torch
+        moved, and after any call of the model or a view of it whose outputs are differentiated
+        (a training step, so that a later evaluation never sees weights from before it). Torch
         does not count writes through ``param.data``, nor the steps of ``fused=True``
-        optimisers: after such writes outside a training forward, call
+        optimisers: after such writes outside a training loop, call
         :meth:`forget_inference_weights` on the model or any view of it.
         """
         if not self.folding_pays():

@@ -169,6 +169,13 @@ def test_fold_follows_weight_changes(tiny_pair):
     with torch.no_grad():
         _close(fast.predict(batch)[K.ENERGY], eager.predict(batch)[K.ENERGY], K.ENERGY)
     uncounted_write()
-    eager_model(fast).forget_inference_weights()  # another view, the same kept fold
+    plain = eager_model(fast)  # another view (eager), the same kept fold
+    plain.train()
+    plain(batch)  # a training call of the eager view forgets it too
+    plain.eval()
+    with torch.no_grad():
+        _close(fast.predict(batch)[K.ENERGY], eager.predict(batch)[K.ENERGY], K.ENERGY)
+    uncounted_write()
+    plain.forget_inference_weights()
     with torch.no_grad():
         _close(fast.predict(batch)[K.ENERGY], eager.predict(batch)[K.ENERGY], K.ENERGY)
